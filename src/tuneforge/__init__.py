@@ -1,0 +1,2 @@
+"""tuneforge: fine-tune pretrained causal LMs."""
+__version__ = "0.1.0"

@@ -1,0 +1,125 @@
+"""The command line: a map from command to function. Parsing and friendly errors only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tuneforge.errors import TuneforgeError
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.resume and args.overwrite:
+        raise TuneforgeError("--resume and --overwrite contradict each other; pick one")
+    train(cfg, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tuneforge.eval.generate import generate
+    from tuneforge.runs import load_for_inference
+
+    if args.max_new_tokens < 1:
+        raise TuneforgeError("--max-new-tokens must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise TuneforgeError("--temperature must be >= 0 and --top-p in (0, 1]")
+    model, tokenizer = load_for_inference(args.model, adapter=not args.base)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    [reply] = generate(
+        model, tokenizer, [messages], max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    )
+    print(reply)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from tuneforge.export import merge
+
+    out = merge(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"merged model saved to {out}")
+    return 0
+
+
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from tuneforge.config import config_reference
+
+    print(config_reference())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tuneforge import __version__
+
+    p = argparse.ArgumentParser(
+        prog="tuneforge",
+        description="Fine-tune pretrained causal language models for your task.",
+    )
+    p.add_argument("--version", action="version", version=f"tuneforge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train", help="fine-tune a model as a YAML config says",
+        description="Fine-tune a model. Override any config key with key=value, e.g. "
+        "training.learning_rate=1e-4 method.r=8. `tuneforge config-reference` lists every key.",
+    )
+    t.add_argument("config", help="YAML config file (see configs/)")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="reply to a prompt with a run's model or any model",
+                       description="Generate a reply with the run's chat template; stops at end of turn.")
+    g.add_argument("model", metavar="RUN_OR_MODEL", help="run folder, model folder, .gguf, alias or hub id")
+    g.add_argument("--prompt", required=True, help="the user message")
+    g.add_argument("--system", default=None, help="optional system message")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--base", action="store_true", help="use the run's base model without its adapter")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("merge", help="merge a run's adapter into its base model (fp32)",
+                       description="W' = W + scale*BA in fp32; saves a plain HF model folder.")
+    m.add_argument("run", metavar="RUN", help="run folder with an adapter/")
+    m.add_argument("--out", required=True, help="output folder for the merged model")
+    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the saved weights (the merge itself is always fp32)")
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=cmd_merge)
+
+    r = sub.add_parser("config-reference", help="print every config key with its default and meaning")
+    r.set_defaults(func=cmd_config_reference)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after flags (`train c.yaml --overwrite a.b=1`); argparse alone would
+    # reject those, so collect key=value leftovers for train.
+    args, extra = parser.parse_known_args(argv)
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    rest = [e for e in extra if e not in overrides]
+    if rest or (overrides and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
+    if args.command == "train":
+        args.overrides = list(args.overrides) + overrides
+    try:
+        return args.func(args)
+    except TuneforgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Config -> rendered training and eval samples (the one sample path every objective uses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tuneforge.config import DataConfig
+from tuneforge.data.batching import epoch_order
+from tuneforge.data.io import read_records
+from tuneforge.data.records import Messages, to_messages
+from tuneforge.data.render import RenderStats, Sample, ensure_chat_template, render_dataset
+from tuneforge.errors import TuneforgeError
+
+
+@dataclass
+class PreparedData:
+    train: list[Sample]
+    eval: list[Sample]
+    train_stats: RenderStats
+    eval_stats: RenderStats = field(default_factory=RenderStats)
+
+
+def load_conversations(
+    path: str, fmt: str = "auto", system_prompt: str | None = None
+) -> tuple[list[Messages], list[str]]:
+    """Read and validate a data file; returns messages per record and each record's source."""
+    records = read_records(path)
+    return [to_messages(r, fmt, system_prompt) for r in records], [r.source for r in records]
+
+
+def prepare_sft_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
+    """Read, validate and render train (and eval) data for supervised fine-tuning.
+
+    Raises:
+        TuneforgeError: bad records, or no sample left with supervised tokens.
+    """
+    ensure_chat_template(tokenizer)
+    convs, sources = load_conversations(cfg.train, cfg.format, cfg.system_prompt)
+    if cfg.eval:
+        eval_convs, eval_sources = load_conversations(cfg.eval, cfg.format, cfg.system_prompt)
+    elif cfg.eval_split > 0:
+        order = epoch_order(len(convs), seed, -1)
+        n_eval = max(1, round(len(convs) * cfg.eval_split))
+        held = set(order[:n_eval])
+        eval_convs = [c for i, c in enumerate(convs) if i in held]
+        eval_sources = [s for i, s in enumerate(sources) if i in held]
+        convs = [c for i, c in enumerate(convs) if i not in held]
+        sources = [s for i, s in enumerate(sources) if i not in held]
+    else:
+        eval_convs, eval_sources = [], []
+    train, train_stats = render_dataset(tokenizer, convs, sources, cfg.max_length)
+    if not train:
+        raise TuneforgeError(
+            f"{cfg.train}: no training sample keeps a supervised token within "
+            f"data.max_length={cfg.max_length}; raise data.max_length"
+        )
+    evals, eval_stats = render_dataset(tokenizer, eval_convs, eval_sources, cfg.max_length)
+    return PreparedData(train, evals, train_stats, eval_stats)

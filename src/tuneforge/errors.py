@@ -1,0 +1,8 @@
+"""The one exception type for a user's mistake; the CLI prints it as one line and exits 2."""
+
+
+class TuneforgeError(Exception):
+    """A problem the user can fix (bad data, bad config, missing file).
+
+    The message is a single line that names where (file:line or config key) and what to do.
+    """

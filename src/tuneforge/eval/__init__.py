@@ -1,0 +1,1 @@
+"""Evaluation: generation, metrics, baselines and reports."""

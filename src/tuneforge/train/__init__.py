@@ -1,0 +1,132 @@
+"""``train(config)``: load, prepare data, apply the method, run the loop, save the result."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tuneforge.config import Config, dump_config
+from tuneforge.data.dataset import prepare_sft_data
+from tuneforge.errors import TuneforgeError
+from tuneforge.methods import apply_method, describe_trainable, trainable_parameters
+from tuneforge.models import load_model, pick_device
+from tuneforge.train.checkpoint import list_checkpoints
+from tuneforge.train.loop import LoopResult, Trainer
+from tuneforge.train.sft import SFTObjective
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless asked; refuse to resume nothing."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TuneforgeError(f"output_dir '{run_dir}' is a file; choose a folder path")
+    has_content = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        if not list_checkpoints(run_dir / "checkpoints"):
+            raise TuneforgeError(
+                f"output_dir '{run_dir}' has no checkpoint to resume from; drop --resume to start fresh"
+            )
+    elif has_content and not overwrite:
+        raise TuneforgeError(
+            f"output_dir '{run_dir}' already exists; pass --overwrite to replace it or --resume to continue it"
+        )
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=None) -> dict:
+    """Fine-tune ``cfg.model`` as configured; returns the run summary (also saved as summary.json).
+
+    Everything that can fail because of the user's input (config, model reference, data) is checked
+    before the run folder is created or changed.
+    """
+    run_dir = Path(cfg.output_dir)
+    check_run_dir(run_dir, resume, overwrite)
+    t = cfg.training
+    seed_everything(t.seed)
+    model, tokenizer, resolved = load_model(
+        cfg.model, t.dtype, t.device, cfg.trust_remote_code
+    )
+    data = prepare_sft_data(cfg.data, tokenizer, t.seed)
+    st = data.train_stats
+    _log(f"data: {len(data.train)} training samples, {len(data.eval)} eval samples"
+         + (f"; {st.truncated} truncated to {cfg.data.max_length} tokens" if st.truncated else "")
+         + (f"; {st.dropped_no_labels} dropped (no supervised token within max_length)"
+            if st.dropped_no_labels else ""))
+    model.config.use_cache = False
+    model = apply_method(model, cfg.method)
+    _log(describe_trainable(model))
+
+    if overwrite and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+
+    device = pick_device(t.device)
+    trainer = Trainer(
+        model, objective or SFTObjective(), data.train, data.eval, t, run_dir,
+        tokenizer.pad_token_id, device,
+    )
+    result = trainer.run(resume=resume)
+    save_trained(model, tokenizer, cfg, run_dir)
+    summary = _summary(cfg, result, data, model, resolved)
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(run_dir / "summary.json")
+    _log(f"saved {run_dir / ('model' if cfg.method.name == 'full' else 'adapter')}"
+         + (f" (best eval loss {result.best_eval_loss:.4f} at step {result.best_step})"
+            if result.best_step else ""))
+    return summary
+
+
+def save_trained(model, tokenizer, cfg: Config, run_dir: Path) -> Path:
+    """Save the adapter (PEFT format) or the full model (HF folder), with the tokenizer, atomically."""
+    name = "model" if cfg.method.name == "full" else "adapter"
+    final = run_dir / name
+    tmp = run_dir / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def _summary(cfg: Config, r: LoopResult, data, model, resolved: str) -> dict:
+    trainable, total = trainable_parameters(model)
+    return {
+        "model": cfg.model,
+        "resolved_model": resolved,
+        "method": cfg.method.name,
+        "steps": r.global_step,
+        "total_steps": r.total_steps,
+        "stopped_early": r.stopped_early,
+        "best_step": r.best_step,
+        "best_eval_loss": r.best_eval_loss,
+        "last_train_loss": r.last_train_loss,
+        "eval_history": r.eval_history,
+        "train_samples": len(data.train),
+        "eval_samples": len(data.eval),
+        "truncated": data.train_stats.truncated,
+        "dropped_no_supervised_tokens": data.train_stats.dropped_no_labels,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_seconds_this_process": round(r.seconds, 2),
+        "supervised_tokens": r.supervised_tokens,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

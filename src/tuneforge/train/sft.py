@@ -1,0 +1,53 @@
+"""Supervised fine-tuning: next-token cross-entropy on assistant tokens only."""
+
+from __future__ import annotations
+
+import torch
+
+from tuneforge.data.batching import supervised_tokens
+from tuneforge.losses import causal_lm_loss_sum, selective_lm_loss_sum
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class SFTObjective:
+    """Turns a batch into a summed token loss; the loop normalises by supervised tokens.
+
+    Args:
+        selective: apply the LM head only where a label is supervised, chunked (same numbers as
+            the plain path, no (B, T, V) logits tensor). Falls back to the plain path for heads
+            it cannot reproduce exactly (biased, adapted or soft-capped heads).
+    """
+
+    name = "sft"
+
+    def __init__(self, selective: bool = True, chunk_size: int = 1024):
+        self.selective = selective
+        self.chunk_size = chunk_size
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return supervised_tokens(batch)
+
+    def _can_select(self, base: torch.nn.Module) -> bool:
+        head = base.get_output_embeddings()
+        cfg = base.config
+        return (
+            self.selective
+            and type(head) is torch.nn.Linear
+            and head.bias is None
+            and not getattr(cfg, "final_logit_softcapping", None)
+            and getattr(cfg, "logit_scale", None) in (None, 1.0)
+            and hasattr(base, "get_decoder")
+        )
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        base = _unwrap(model)
+        if self._can_select(base):
+            hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, C)
+            head = base.get_output_embeddings()
+            return selective_lm_loss_sum(hidden, head.weight, batch["labels"], self.chunk_size)
+        logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+        return causal_lm_loss_sum(logits, batch["labels"])
