@@ -129,6 +129,8 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if isinstance(value, str) and str in args:
+            return value
         errors = []
         for arg in args:
             if arg is type(None):
@@ -338,7 +340,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         if not 0 <= m.lora_dropout < 1:
             bad("method.lora_dropout", f"must be in [0, 1), got {m.lora_dropout}")
         if isinstance(m.target_modules, str) and m.target_modules != "all-linear":
-            m.target_modules = [m.target_modules]
+            m.target_modules = [t.strip() for t in m.target_modules.split(",") if t.strip()]
         if isinstance(m.target_modules, list) and not m.target_modules:
             bad("method.target_modules", "must name at least one module (or 'all-linear')")
 

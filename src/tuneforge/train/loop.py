@@ -124,8 +124,9 @@ class Trainer:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # -- one step ---------------------------------------------------------------------------------
-    def train_step(self, step: int) -> dict:
-        """Forward/backward over the step's micro-batches, normalised by their total units."""
+    def accumulate_gradients(self, step: int) -> dict:
+        """Forward/backward over the step's micro-batches, each loss divided by the units (e.g.
+        supervised tokens) of the whole window, so 8 x 1 and 1 x 8 give the same gradient."""
         batches = [self.collate([self.train_samples[i] for i in mb]) for mb in self.window(step)]
         units = sum(self.objective.units(b) for b in batches)
         total = 0.0
@@ -133,16 +134,21 @@ class Trainer:
             loss_sum = self.objective.loss_sum(self.model, self._to_device(b))
             (loss_sum / max(units, 1)).backward()
             total += float(loss_sum.detach())
+        return {"loss": total / max(units, 1), "tokens": units}
+
+    def train_step(self, step: int) -> dict:
+        out = self.accumulate_gradients(step)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
         else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            grads = [p.grad.norm() for p in params if p.grad is not None]
+            grad_norm = float(torch.norm(torch.stack(grads))) if grads else 0.0
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total / max(units, 1), "grad_norm": grad_norm, "lr": lr, "tokens": units}
+        return {"loss": out["loss"], "grad_norm": grad_norm, "lr": lr, "tokens": out["tokens"]}
 
     @torch.no_grad()
     def evaluate(self) -> float:

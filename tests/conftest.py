@@ -1,0 +1,72 @@
+"""Shared fixtures. Fast tests use tiny random models of real architectures with the real
+SmolLM2 tokenizer; tests marked ``slow`` use the real built-in model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def builtin_path() -> Path:
+    from tuneforge.models import builtin_path as bp
+
+    return bp()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(builtin_path):
+    from tuneforge.models import load_tokenizer
+
+    return load_tokenizer(str(builtin_path))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def dates_rows() -> list[dict]:
+    return [json.loads(x) for x in (ROOT / "examples/dates/train.jsonl").read_text().splitlines()]
+
+
+def tiny_config(tmp_path: Path, train: Path, eval: Path | None = None, **overrides) -> "object":
+    """A Config for the tiny Llama, small and fast; overrides as dotted keys."""
+    from tuneforge.config import load_config
+
+    base = {
+        "model": "tiny-llama",
+        "output_dir": str(tmp_path / "run"),
+        "data.train": str(train),
+        "data.max_length": 128,
+        "training.progress": False,
+        "training.learning_rate": 1e-3,
+        "training.batch_size": 4,
+        "training.max_steps": 6,
+        "method.name": "lora",
+        "method.r": 4,
+        "method.lora_alpha": 8,
+        "method.lora_dropout": 0.0,
+    }
+    if eval is not None:
+        base["data.eval"] = str(eval)
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tuneforge", *args],
+        capture_output=True, text=True, cwd=cwd or ROOT, env={**os.environ, **(env or {})},
+        timeout=600,
+    )
