@@ -49,10 +49,12 @@ def test_bad_record_exits_2_with_file_line_field_and_writes_nothing(tmp_path, go
 
 def test_bad_config_key_exits_2_with_suggestion(tmp_path, good):
     cfg, _ = good
-    cfg.write_text(cfg.read_text().replace("  max_steps: 2", "  learnin_rate: 2"))
+    original = cfg.read_text()
+    cfg.write_text(original.replace("  max_steps: 2", "  learnin_rate: 2"))
     err = one_line_error(run_cli("train", str(cfg)))
     assert err == f"error: {cfg}:10: unknown key 'learnin_rate' in training; did you mean 'learning_rate'?"
-    err = one_line_error(run_cli("train", str(tmp_path / "c.yaml"), "training.batch_sise=2"))
+    cfg.write_text(original)
+    err = one_line_error(run_cli("train", str(cfg), "training.batch_sise=2"))
     assert "did you mean 'batch_size'?" in err
     assert not (tmp_path / "run").exists()
 

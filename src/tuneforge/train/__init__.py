@@ -62,13 +62,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         cfg.model, t.dtype, t.device, cfg.trust_remote_code
     )
     data = prepare_sft_data(cfg.data, tokenizer, t.seed)
+    model.config.use_cache = False
+    model = apply_method(model, cfg.method)
     st = data.train_stats
     _log(f"data: {len(data.train)} training samples, {len(data.eval)} eval samples"
          + (f"; {st.truncated} truncated to {cfg.data.max_length} tokens" if st.truncated else "")
          + (f"; {st.dropped_no_labels} dropped (no supervised token within max_length)"
             if st.dropped_no_labels else ""))
-    model.config.use_cache = False
-    model = apply_method(model, cfg.method)
     _log(describe_trainable(model))
 
     if overwrite and not resume and run_dir.exists():
