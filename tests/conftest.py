@@ -40,7 +40,7 @@ def dates_rows() -> list[dict]:
     return [json.loads(x) for x in (ROOT / "examples/dates/train.jsonl").read_text().splitlines()]
 
 
-def tiny_config(tmp_path: Path, train: Path, eval: Path | None = None, **overrides) -> "object":
+def tiny_config(tmp_path: Path, train: Path, eval: Path | None = None, **overrides) -> object:
     """A Config for the tiny Llama, small and fast; overrides as dotted keys."""
     from tuneforge.config import load_config
 
@@ -64,9 +64,14 @@ def tiny_config(tmp_path: Path, train: Path, eval: Path | None = None, **overrid
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tuneforge", *args],
-        capture_output=True, text=True, cwd=cwd or ROOT, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env={**os.environ, **(env or {})},
         timeout=600,
     )

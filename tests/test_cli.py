@@ -31,7 +31,9 @@ def one_line_error(r):
 
 @pytest.fixture
 def good(tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"Say {i}", "output": str(i)} for i in range(8)])
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"instruction": f"Say {i}", "output": str(i)} for i in range(8)]
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CONFIG.format(out=tmp_path / "run", train=train))
     return cfg, train
@@ -43,7 +45,10 @@ def test_bad_record_exits_2_with_file_line_field_and_writes_nothing(tmp_path, go
     lines[4] = json.dumps({"instruction": "x"})
     train.write_text("\n".join(lines) + "\n")
     err = one_line_error(run_cli("train", str(cfg)))
-    assert err == f"error: {train}:5: 'output' is missing (instruction records need 'instruction' and 'output')"
+    assert (
+        err
+        == f"error: {train}:5: 'output' is missing (instruction records need 'instruction' and 'output')"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -52,7 +57,10 @@ def test_bad_config_key_exits_2_with_suggestion(tmp_path, good):
     original = cfg.read_text()
     cfg.write_text(original.replace("  max_steps: 2", "  learnin_rate: 2"))
     err = one_line_error(run_cli("train", str(cfg)))
-    assert err == f"error: {cfg}:10: unknown key 'learnin_rate' in training; did you mean 'learning_rate'?"
+    assert (
+        err
+        == f"error: {cfg}:10: unknown key 'learnin_rate' in training; did you mean 'learning_rate'?"
+    )
     cfg.write_text(original)
     err = one_line_error(run_cli("train", str(cfg), "training.batch_sise=2"))
     assert "did you mean 'batch_size'?" in err
@@ -63,9 +71,15 @@ def test_bad_config_key_exits_2_with_suggestion(tmp_path, good):
     "override, expected",
     [
         ("model=does/not/exist/here", "model 'does/not/exist/here': no such folder or file"),
-        ("method.target_modules=[nope_proj]", "matches no layer of this model; its linear layers are"),
+        (
+            "method.target_modules=[nope_proj]",
+            "matches no layer of this model; its linear layers are",
+        ),
         ("data.train=missing.jsonl", "missing.jsonl: data file not found"),
-        ("data.max_length=8", "no training sample keeps a supervised token within data.max_length=8"),
+        (
+            "data.max_length=8",
+            "no training sample keeps a supervised token within data.max_length=8",
+        ),
         ("training.learning_rate=-1", "'training.learning_rate' must be positive"),
     ],
 )

@@ -9,7 +9,10 @@ from tuneforge.errors import TuneforgeError
 
 
 def test_formats_read_to_the_same_messages(tmp_path):
-    rows = [{"instruction": "Add", "input": "1 2", "output": "3"}, {"instruction": "Hi", "output": "Hello"}]
+    rows = [
+        {"instruction": "Add", "input": "1 2", "output": "3"},
+        {"instruction": "Hi", "output": "Hello"},
+    ]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "a.json").write_text(json.dumps(rows))
     (tmp_path / "a.csv").write_text("instruction,input,output\nAdd,1 2,3\nHi,,Hello\n")
@@ -17,14 +20,22 @@ def test_formats_read_to_the_same_messages(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
-    results = [load_conversations(str(tmp_path / f"a.{ext}"))[0] for ext in ("jsonl", "json", "csv", "parquet")]
+    results = [
+        load_conversations(str(tmp_path / f"a.{ext}"))[0]
+        for ext in ("jsonl", "json", "csv", "parquet")
+    ]
     assert all(r == results[0] for r in results)
-    assert results[0][0] == [{"role": "user", "content": "Add\n\n1 2"}, {"role": "assistant", "content": "3"}]
+    assert results[0][0] == [
+        {"role": "user", "content": "Add\n\n1 2"},
+        {"role": "assistant", "content": "3"},
+    ]
 
 
 def test_chat_records_and_bare_lists(tmp_path):
     chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps(chat) + "\n")
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"messages": chat}) + "\n" + json.dumps(chat) + "\n"
+    )
     convs, sources = load_conversations(str(tmp_path / "c.jsonl"))
     assert convs == [chat, chat] and sources[1].endswith("c.jsonl:2")
 
@@ -32,11 +43,20 @@ def test_chat_records_and_bare_lists(tmp_path):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ({"instruction": "x"}, "'output' is missing (instruction records need 'instruction' and 'output')"),
+        (
+            {"instruction": "x"},
+            "'output' is missing (instruction records need 'instruction' and 'output')",
+        ),
         ({"instruction": "x", "output": ""}, "'output' is empty"),
-        ({"instruction": "x", "output": 3.5j if False else ["a"]}, "'output' must be a string, got list"),
+        (
+            {"instruction": "x", "output": 3.5j if False else ["a"]},
+            "'output' must be a string, got list",
+        ),
         ({"messages": [{"role": "user", "content": "a"}]}, "'messages' has no assistant turn"),
-        ({"messages": [{"role": "bot", "content": "a"}]}, "'messages[0].role' is 'bot'; use system, user or assistant"),
+        (
+            {"messages": [{"role": "bot", "content": "a"}]},
+            "'messages[0].role' is 'bot'; use system, user or assistant",
+        ),
         ({"messages": [{"role": "user"}]}, "'messages[0].content' is missing"),
         ({"foo": 1}, "unknown record layout (keys: foo)"),
         ({"prompt": "a", "chosen": "b", "rejected": "c"}, "a preference record"),

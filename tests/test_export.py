@@ -17,9 +17,15 @@ from .conftest import tiny_config, write_jsonl
 def lora_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
     rows = [{"instruction": f"Repeat {i}", "output": f"{i} {i}"} for i in range(16)]
-    cfg = tiny_config(tmp, write_jsonl(tmp / "t.jsonl", rows), **{
-        "training.max_steps": 4, "training.learning_rate": 1e-2, "method.target_modules": "all-linear",
-    })
+    cfg = tiny_config(
+        tmp,
+        write_jsonl(tmp / "t.jsonl", rows),
+        **{
+            "training.max_steps": 4,
+            "training.learning_rate": 1e-2,
+            "method.target_modules": "all-linear",
+        },
+    )
     train(cfg)
     return tmp / "run"
 

@@ -40,8 +40,16 @@ def test_accumulation_8x1_equals_1x8(tmp_path, selective):
     for bs, acc in ((8, 1), (1, 8)):
         model, tok = lora_tiny(cfg.method)
         t = TrainingConfig(batch_size=bs, gradient_accumulation=acc, max_steps=1, progress=False)
-        trainer = Trainer(model, SFTObjective(selective=selective), samples, [], t, tmp_path,
-                          tok.pad_token_id, torch.device("cpu"))
+        trainer = Trainer(
+            model,
+            SFTObjective(selective=selective),
+            samples,
+            [],
+            t,
+            tmp_path,
+            tok.pad_token_id,
+            torch.device("cpu"),
+        )
         assert sorted(sum(trainer.window(0), [])) == list(range(8))
         trainer.accumulate_gradients(0)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
@@ -86,10 +94,19 @@ def test_early_stopping_keeps_best_weights(tmp_path, dates_rows):
 
     train_f = write_jsonl(tmp_path / "train.jsonl", dates_rows[:32])
     eval_f = write_jsonl(tmp_path / "eval.jsonl", dates_rows[32:40])
-    cfg = tiny_config(tmp_path, train_f, eval_f, **{
-        "training.max_steps": 40, "training.eval_steps": 2, "training.early_stopping_patience": 2,
-        "training.learning_rate": 0.5, "training.max_grad_norm": 0, "training.lr_scheduler": "constant",
-    })
+    cfg = tiny_config(
+        tmp_path,
+        train_f,
+        eval_f,
+        **{
+            "training.max_steps": 40,
+            "training.eval_steps": 2,
+            "training.early_stopping_patience": 2,
+            "training.learning_rate": 0.5,
+            "training.max_grad_norm": 0,
+            "training.lr_scheduler": "constant",
+        },
+    )
     summary = train(cfg)
     hist = summary["eval_history"]
     best_step, best_loss = min(hist, key=lambda x: x[1])

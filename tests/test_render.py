@@ -63,7 +63,10 @@ def test_training_prompt_equals_inference_prompt(tokenizer):
 
 
 def test_truncation_drops_samples_left_with_no_supervised_token(tokenizer):
-    long_prompt = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    long_prompt = [
+        {"role": "user", "content": "word " * 200},
+        {"role": "assistant", "content": "ok"},
+    ]
     short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
     samples, stats = render_dataset(tokenizer, [long_prompt, short], ["f:1", "f:2"], 64)
     assert len(samples) == 1 and stats.dropped_no_labels == 1 and stats.dropped_sources == ["f:1"]

@@ -15,11 +15,24 @@ def write_config(tmp_path, name, method, dates_rows):
     cfg = {
         "model": "tiny-llama",
         "output_dir": str(tmp_path / name),
-        "method": {"name": method, "r": 4, "lora_alpha": 8, "lora_dropout": 0.1},  # dropout uses the RNG
+        "method": {
+            "name": method,
+            "r": 4,
+            "lora_alpha": 8,
+            "lora_dropout": 0.1,
+        },  # dropout uses the RNG
         "data": {"train": str(train), "eval": str(evalf), "max_length": 96},
-        "training": {"max_steps": 12, "batch_size": 4, "gradient_accumulation": 2,
-                     "learning_rate": 1e-3, "warmup_ratio": 0.2, "eval_steps": 3,
-                     "save_steps": 3, "progress": False, "seed": 7},
+        "training": {
+            "max_steps": 12,
+            "batch_size": 4,
+            "gradient_accumulation": 2,
+            "learning_rate": 1e-3,
+            "warmup_ratio": 0.2,
+            "eval_steps": 3,
+            "save_steps": 3,
+            "progress": False,
+            "seed": 7,
+        },
     }
     if method == "full":
         cfg["method"] = {"name": "full"}
@@ -38,7 +51,10 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, dates_rows, method):
     assert r.returncode == -9, r.stderr  # really killed by SIGKILL
     ckpts = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert ckpts == ["step-3", "step-6"]  # nothing half-written, nothing final
-    assert not (tmp_path / "killed" / "adapter").exists() and not (tmp_path / "killed" / "model").exists()
+    assert (
+        not (tmp_path / "killed" / "adapter").exists()
+        and not (tmp_path / "killed" / "model").exists()
+    )
     r = run_cli("train", str(killed), "--resume")
     assert r.returncode == 0, r.stderr
     weights = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
@@ -47,9 +63,11 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, dates_rows, method):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].equal(b[k]), k
-    metrics = lambda run: (tmp_path / run / "metrics.jsonl").read_text().splitlines()  # noqa: E731
-    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]  # noqa: E731
-    assert strip(metrics("clean")) == strip(metrics("killed"))
+    def metrics(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
+
+    assert metrics("clean") == metrics("killed")
 
 
 def test_existing_output_is_never_overwritten(tmp_path, dates_rows):

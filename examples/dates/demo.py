@@ -34,7 +34,7 @@ def main() -> int:
         rows[name] = (exact_match(preds, refs), preds)
     print()
     print(f"dates task, {len(refs)} held-out examples never trained on (train: {train_s:.0f} s)")
-    print(f"| model | exact match |\n| --- | --- |")
+    print("| model | exact match |\n| --- | --- |")
     for name, (em, _) in rows.items():
         print(f"| {name} | {em:.1f}% |")
     gain = rows["fine-tuned (LoRA)"][0] - rows["base model"][0]

@@ -9,8 +9,20 @@ import json
 import random
 from pathlib import Path
 
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 INSTRUCTIONS = [
     "Convert this date to ISO 8601 format (YYYY-MM-DD).",
     "Rewrite the date as YYYY-MM-DD.",
@@ -44,11 +56,13 @@ def make(n: int, rng: random.Random, used: set) -> list[dict]:
         if d in used:
             continue
         used.add(d)
-        rows.append({
-            "instruction": rng.choice(INSTRUCTIONS),
-            "input": spell(d, rng.randrange(7)),
-            "output": d.isoformat(),
-        })
+        rows.append(
+            {
+                "instruction": rng.choice(INSTRUCTIONS),
+                "input": spell(d, rng.randrange(7)),
+                "output": d.isoformat(),
+            }
+        )
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tuneforge.errors import TuneforgeError
@@ -31,8 +32,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     [reply] = generate(
-        model, tokenizer, [messages], max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        model,
+        tokenizer,
+        [messages],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
     )
     print(reply)
     return 0
@@ -64,38 +70,57 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser(
-        "train", help="fine-tune a model as a YAML config says",
+        "train",
+        help="fine-tune a model as a YAML config says",
         description="Fine-tune a model. Override any config key with key=value, e.g. "
         "training.learning_rate=1e-4 method.r=8. `tuneforge config-reference` lists every key.",
     )
     t.add_argument("config", help="YAML config file (see configs/)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the run's latest checkpoint"
+    )
     t.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     t.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("generate", help="reply to a prompt with a run's model or any model",
-                       description="Generate a reply with the run's chat template; stops at end of turn.")
-    g.add_argument("model", metavar="RUN_OR_MODEL", help="run folder, model folder, .gguf, alias or hub id")
+    g = sub.add_parser(
+        "generate",
+        help="reply to a prompt with a run's model or any model",
+        description="Generate a reply with the run's chat template; stops at end of turn.",
+    )
+    g.add_argument(
+        "model", metavar="RUN_OR_MODEL", help="run folder, model folder, .gguf, alias or hub id"
+    )
     g.add_argument("--prompt", required=True, help="the user message")
     g.add_argument("--system", default=None, help="optional system message")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--base", action="store_true", help="use the run's base model without its adapter")
+    g.add_argument(
+        "--base", action="store_true", help="use the run's base model without its adapter"
+    )
     g.set_defaults(func=cmd_generate)
 
-    m = sub.add_parser("merge", help="merge a run's adapter into its base model (fp32)",
-                       description="W' = W + scale*BA in fp32; saves a plain HF model folder.")
+    m = sub.add_parser(
+        "merge",
+        help="merge a run's adapter into its base model (fp32)",
+        description="W' = W + scale*BA in fp32; saves a plain HF model folder.",
+    )
     m.add_argument("run", metavar="RUN", help="run folder with an adapter/")
     m.add_argument("--out", required=True, help="output folder for the merged model")
-    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the saved weights (the merge itself is always fp32)")
+    m.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of the saved weights (the merge itself is always fp32)",
+    )
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_merge)
 
-    r = sub.add_parser("config-reference", help="print every config key with its default and meaning")
+    r = sub.add_parser(
+        "config-reference", help="print every config key with its default and meaning"
+    )
     r.set_defaults(func=cmd_config_reference)
     return p
 
@@ -116,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except TuneforgeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tuneforge ... | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

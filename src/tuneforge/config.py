@@ -45,11 +45,15 @@ class DataConfig:
 
     train: str = _f("", "Training data: .jsonl, .json, .csv or .parquet.")
     eval: str | None = _f(None, "Held-out data for eval loss and early stopping (optional).")
-    eval_split: float = _f(0.0, "If no eval file: fraction of train held out (deterministic by seed).")
+    eval_split: float = _f(
+        0.0, "If no eval file: fraction of train held out (deterministic by seed)."
+    )
     format: str = _f(
         "auto", "auto | instruction | chat: record layout.", choices=("auto", "instruction", "chat")
     )
-    max_length: int = _f(512, "Longest sample in tokens; longer ones are truncated (never to zero labels).")
+    max_length: int = _f(
+        512, "Longest sample in tokens; longer ones are truncated (never to zero labels)."
+    )
     system_prompt: str | None = _f(
         None, "System message added to records that have none (else the template's default)."
     )
@@ -69,7 +73,9 @@ class TrainingConfig:
     warmup_ratio: float = _f(0.0, "Fraction of steps with linear warmup from 0.")
     weight_decay: float = _f(0.0, "AdamW weight decay (never applied to biases and norm weights).")
     lr_scheduler: str = _f(
-        "cosine", "cosine | linear | constant (after warmup).", choices=("cosine", "linear", "constant")
+        "cosine",
+        "cosine | linear | constant (after warmup).",
+        choices=("cosine", "linear", "constant"),
     )
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -96,7 +102,9 @@ class TrainingConfig:
 class Config:
     """A tuneforge run."""
 
-    model: str = _f("", "alias (smollm2-135m-instruct, tiny-llama) | HF folder | file.gguf | hub id.")
+    model: str = _f(
+        "", "alias (smollm2-135m-instruct, tiny-llama) | HF folder | file.gguf | hub id."
+    )
     output_dir: str = _f("", "Run folder: config, adapter or model, checkpoints, metrics.")
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,7 +197,9 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
 def _type_name(t: Any) -> str:
     if typing.get_origin(t) is list:
         return "a list"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(t, str(t))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        t, str(t)
+    )
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -358,14 +368,19 @@ def dump_config(cfg: Config, path: Path) -> None:
 
 def config_reference() -> str:
     """Markdown reference of every key, its default and its help text."""
+
+    def row(key: str, f: dataclasses.Field) -> str:
+        text = f.metadata.get("help", "").replace("|", "\\|")
+        return f"| `{key}` | `{_default(f)}` | {text} |"
+
     out = []
     top = [f for f in dataclasses.fields(Config) if f.name not in SECTIONS]
     out.append("| key | default | meaning |\n| --- | --- | --- |")
     for f in top:
-        out.append(f"| `{f.name}` | `{_default(f)}` | {f.metadata.get('help', '')} |")
+        out.append(row(f.name, f))
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            out.append(f"| `{section}.{f.name}` | `{_default(f)}` | {f.metadata.get('help', '')} |")
+            out.append(row(f"{section}.{f.name}", f))
     return "\n".join(out)
 
 

@@ -11,7 +11,9 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.runs import is_run, run_base_model
 
 
-def merge(run: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
+def merge(
+    run: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False
+) -> Path:
     """W' = W + scale * B A for every adapted layer, computed in fp32, saved to ``out``.
 
     The result loads with plain ``transformers`` (no tuneforge, no peft) and gives the same logits
@@ -27,13 +29,17 @@ def merge(run: str | Path, out: str | Path, dtype: str = "float32", overwrite: b
     if not is_run(run):
         raise TuneforgeError(f"'{run}' is not a tuneforge run folder (no config.yaml + adapter/)")
     if not (run / "adapter" / "adapter_config.json").is_file():
-        raise TuneforgeError(f"'{run}' was trained with method full; its model/ folder is already merged")
+        raise TuneforgeError(
+            f"'{run}' was trained with method full; its model/ folder is already merged"
+        )
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise TuneforgeError(f"'{out}' already exists; pass --overwrite to replace it")
     model, _, _ = load_model(run_base_model(run), dtype="float32", device="cpu")
     model = load_adapter(model, str(run / "adapter"))
     merged = model.merge_and_unload()
-    target_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    target_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        dtype
+    ]
     merged = merged.to(target_dtype)
     tokenizer = load_tokenizer(str(run / "adapter"))
     tmp = out.with_name(f".tmp-{out.name}")

@@ -50,6 +50,10 @@ def selective_lm_loss_sum(
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, t.numel(), chunk_size):
         total = total + checkpoint(
-            _chunk_ce, h[i : i + chunk_size], head_weight, t[i : i + chunk_size], use_reentrant=False
+            _chunk_ce,
+            h[i : i + chunk_size],
+            head_weight,
+            t[i : i + chunk_size],
+            use_reentrant=False,
         )
     return total

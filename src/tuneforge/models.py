@@ -30,12 +30,22 @@ BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = {
     # Same families as real models, a few hundred thousand parameters plus the embedding table.
     "tiny-llama": dict(
-        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
     ),
     "tiny-qwen2": dict(
-        model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        model_type="qwen2",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
     ),
 }
 ALIASES = (BUILTIN, *TINY)
@@ -221,13 +231,17 @@ def load_model(
             warnings.simplefilter("ignore")
             if path.suffix == ".gguf":
                 model = AutoModelForCausalLM.from_pretrained(
-                    path.parent, gguf_file=path.name, dtype=torch_dtype,
+                    path.parent,
+                    gguf_file=path.name,
+                    dtype=torch_dtype,
                     trust_remote_code=trust_remote_code,
                 )
                 model.hf_quantizer = None
             else:
                 model = AutoModelForCausalLM.from_pretrained(
-                    resolved, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                    resolved,
+                    dtype=torch_dtype,
+                    trust_remote_code=trust_remote_code,
                     use_safetensors=None if not path.exists() else _has_safetensors(path),
                 )
         tokenizer = load_tokenizer(resolved, trust_remote_code)

@@ -11,8 +11,13 @@ from tuneforge.errors import TuneforgeError
 
 def is_run(path: str | Path) -> bool:
     p = Path(path)
-    return p.is_dir() and (p / "config.yaml").is_file() and (
-        (p / "adapter" / "adapter_config.json").is_file() or (p / "model" / "config.json").is_file()
+    return (
+        p.is_dir()
+        and (p / "config.yaml").is_file()
+        and (
+            (p / "adapter" / "adapter_config.json").is_file()
+            or (p / "model" / "config.json").is_file()
+        )
     )
 
 
@@ -43,7 +48,9 @@ def load_for_inference(ref: str, dtype: str = "auto", device: str = "auto", adap
         )
     if is_run(path):
         if (path / "model" / "config.json").is_file():
-            model, tokenizer, _ = load_model(str(path / "model") if adapter else run_base_model(path), dtype, device)
+            model, tokenizer, _ = load_model(
+                str(path / "model") if adapter else run_base_model(path), dtype, device
+            )
         else:
             model, tokenizer, _ = load_model(run_base_model(path), dtype, device)
             tokenizer = load_tokenizer(str(path / "adapter"))

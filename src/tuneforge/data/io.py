@@ -82,7 +82,9 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
         if isinstance(obj, list):  # a bare list of messages is a chat record
             obj = {"messages": obj}
         if not isinstance(obj, dict):
-            raise TuneforgeError(f"{path}:{i}: each line must be a JSON object, got {type(obj).__name__}")
+            raise TuneforgeError(
+                f"{path}:{i}: each line must be a JSON object, got {type(obj).__name__}"
+            )
         records.append(Record(obj, f"{path}:{i}"))
     return records
 
@@ -103,7 +105,9 @@ def _read_json(path: Path, text: str) -> list[Record]:
         if isinstance(item, list):
             item = {"messages": item}
         if not isinstance(item, dict):
-            raise TuneforgeError(f"{path}: record {i}: must be a JSON object, got {type(item).__name__}")
+            raise TuneforgeError(
+                f"{path}: record {i}: must be a JSON object, got {type(item).__name__}"
+            )
         records.append(Record(item, f"{path}: record {i}"))
     return records
 

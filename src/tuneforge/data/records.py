@@ -92,7 +92,9 @@ def _instruction(rec: Record) -> Messages:
 def _chat(rec: Record) -> Messages:
     raw = rec.data.get("messages")
     if not isinstance(raw, list):
-        raise rec.error(f"'messages' must be a list of {{role, content}} objects, got {type(raw).__name__}")
+        raise rec.error(
+            f"'messages' must be a list of {{role, content}} objects, got {type(raw).__name__}"
+        )
     if not raw:
         raise rec.error("'messages' is empty")
     messages = []
@@ -114,9 +116,15 @@ def _chat(rec: Record) -> Messages:
         if role == "assistant" and not content.strip():
             raise rec.error(f"'{field}.content' is empty (an assistant turn must say something)")
         messages.append({"role": role, "content": content})
-    first = next(m for m in messages if m["role"] != "system") if len(messages) > 1 or messages[0]["role"] != "system" else None
+    first = (
+        next(m for m in messages if m["role"] != "system")
+        if len(messages) > 1 or messages[0]["role"] != "system"
+        else None
+    )
     if first is not None and first["role"] != "user":
-        raise rec.error("the conversation must start with a user message (after an optional system one)")
+        raise rec.error(
+            "the conversation must start with a user message (after an optional system one)"
+        )
     if not any(m["role"] == "assistant" for m in messages):
         raise rec.error("'messages' has no assistant turn, so there is nothing to learn from")
     for prev, cur in zip(messages, messages[1:], strict=False):

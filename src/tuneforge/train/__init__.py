@@ -58,17 +58,20 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     check_run_dir(run_dir, resume, overwrite)
     t = cfg.training
     seed_everything(t.seed)
-    model, tokenizer, resolved = load_model(
-        cfg.model, t.dtype, t.device, cfg.trust_remote_code
-    )
+    model, tokenizer, resolved = load_model(cfg.model, t.dtype, t.device, cfg.trust_remote_code)
     data = prepare_sft_data(cfg.data, tokenizer, t.seed)
     model.config.use_cache = False
     model = apply_method(model, cfg.method)
     st = data.train_stats
-    _log(f"data: {len(data.train)} training samples, {len(data.eval)} eval samples"
-         + (f"; {st.truncated} truncated to {cfg.data.max_length} tokens" if st.truncated else "")
-         + (f"; {st.dropped_no_labels} dropped (no supervised token within max_length)"
-            if st.dropped_no_labels else ""))
+    _log(
+        f"data: {len(data.train)} training samples, {len(data.eval)} eval samples"
+        + (f"; {st.truncated} truncated to {cfg.data.max_length} tokens" if st.truncated else "")
+        + (
+            f"; {st.dropped_no_labels} dropped (no supervised token within max_length)"
+            if st.dropped_no_labels
+            else ""
+        )
+    )
     _log(describe_trainable(model))
 
     if overwrite and not resume and run_dir.exists():
@@ -78,8 +81,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
 
     device = pick_device(t.device)
     trainer = Trainer(
-        model, objective or SFTObjective(), data.train, data.eval, t, run_dir,
-        tokenizer.pad_token_id, device,
+        model,
+        objective or SFTObjective(),
+        data.train,
+        data.eval,
+        t,
+        run_dir,
+        tokenizer.pad_token_id,
+        device,
     )
     result = trainer.run(resume=resume)
     save_trained(model, tokenizer, cfg, run_dir)
@@ -87,9 +96,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(run_dir / "summary.json")
-    _log(f"saved {run_dir / ('model' if cfg.method.name == 'full' else 'adapter')}"
-         + (f" (best eval loss {result.best_eval_loss:.4f} at step {result.best_step})"
-            if result.best_step else ""))
+    _log(
+        f"saved {run_dir / ('model' if cfg.method.name == 'full' else 'adapter')}"
+        + (
+            f" (best eval loss {result.best_eval_loss:.4f} at step {result.best_step})"
+            if result.best_step
+            else ""
+        )
+    )
     return summary
 
 

@@ -181,18 +181,32 @@ class Trainer:
         cfg = self.cfg
         metrics_path = self.run_dir / "metrics.jsonl"
         ckpt_root = self.run_dir / "checkpoints"
-        state = {"global_step": 0, "best_eval_loss": None, "best_step": None, "bad_evals": 0,
-                 "eval_history": [], "supervised_tokens": 0}
+        state = {
+            "global_step": 0,
+            "best_eval_loss": None,
+            "best_step": None,
+            "bad_evals": 0,
+            "eval_history": [],
+            "supervised_tokens": 0,
+        }
         best_state = None
         if resume:
             ckpts = list_checkpoints(ckpt_root)
             if ckpts:
-                state, best_state = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler)
+                state, best_state = load_checkpoint(
+                    ckpts[-1], self.model, self.optimizer, self.scheduler
+                )
                 _truncate_metrics(metrics_path, state["global_step"])
         self.model.train()
         fault_step = int(os.environ.get("TUNEFORGE_FAULT_KILL_AT_STEP", "0"))  # test hook: SIGKILL
-        bar = tqdm(total=self.total_steps, initial=state["global_step"], disable=not cfg.progress,
-                   file=sys.stderr, dynamic_ncols=True, desc="train")
+        bar = tqdm(
+            total=self.total_steps,
+            initial=state["global_step"],
+            disable=not cfg.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            desc="train",
+        )
         start = time.perf_counter()
         stopped_early = bool(state.get("stopped_early"))
         last_loss = None
@@ -207,13 +221,19 @@ class Trainer:
                 last_loss = out["loss"]
                 if fault_step and state["global_step"] == fault_step:
                     os.kill(os.getpid(), signal.SIGKILL)
-                record = {"step": step + 1, "epoch": round((step + 1) / self.steps_per_epoch, 4),
-                          **{k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()},
-                          "tokens_per_s": round(out["tokens"] / dt, 1)}
+                record = {
+                    "step": step + 1,
+                    "epoch": round((step + 1) / self.steps_per_epoch, 4),
+                    **{k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()},
+                    "tokens_per_s": round(out["tokens"] / dt, 1),
+                }
                 if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
                     metrics.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
-                                tok_s=f"{out['tokens'] / dt:.0f}")
+                bar.set_postfix(
+                    loss=f"{out['loss']:.4f}",
+                    lr=f"{out['lr']:.2e}",
+                    tok_s=f"{out['tokens'] / dt:.0f}",
+                )
                 bar.update(1)
                 evaluated = False
                 if self._eval_due(step + 1):
@@ -226,29 +246,55 @@ class Trainer:
                         best_state = trainable_state(self.model)
                     else:
                         state["bad_evals"] += 1
-                    metrics.write(json.dumps({"step": step + 1, "eval_loss": round(eval_loss, 6),
-                                              "best_step": state["best_step"]}) + "\n")
-                    bar.write(f"step {step + 1}: eval_loss {eval_loss:.4f} (best {state['best_eval_loss']:.4f} at step {state['best_step']})")
-                    if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
+                    metrics.write(
+                        json.dumps(
+                            {
+                                "step": step + 1,
+                                "eval_loss": round(eval_loss, 6),
+                                "best_step": state["best_step"],
+                            }
+                        )
+                        + "\n"
+                    )
+                    bar.write(
+                        f"step {step + 1}: eval_loss {eval_loss:.4f} (best {state['best_eval_loss']:.4f} at step {state['best_step']})"
+                    )
+                    if (
+                        cfg.early_stopping_patience
+                        and state["bad_evals"] >= cfg.early_stopping_patience
+                    ):
                         stopped_early = True
                 metrics.flush()
                 if self._save_due(step + 1, evaluated) or stopped_early:
                     save_best = best_state if state["best_step"] != step + 1 else None
-                    save_checkpoint(ckpt_root, step + 1, self.model, self.optimizer, self.scheduler,
-                                    {**state, "stopped_early": stopped_early}, save_best,
-                                    cfg.save_total_limit)
+                    save_checkpoint(
+                        ckpt_root,
+                        step + 1,
+                        self.model,
+                        self.optimizer,
+                        self.scheduler,
+                        {**state, "stopped_early": stopped_early},
+                        save_best,
+                        cfg.save_total_limit,
+                    )
                 if stopped_early:
-                    bar.write(f"early stopping: no eval improvement in {cfg.early_stopping_patience} evaluations")
+                    bar.write(
+                        f"early stopping: no eval improvement in {cfg.early_stopping_patience} evaluations"
+                    )
                     break
         bar.close()
         if best_state is not None and state["best_step"] != state["global_step"]:
             load_trainable_state(self.model, best_state)  # keep the best weights
         return LoopResult(
-            global_step=state["global_step"], total_steps=self.total_steps,
-            stopped_early=stopped_early, best_step=state["best_step"],
-            best_eval_loss=state["best_eval_loss"], last_train_loss=last_loss,
+            global_step=state["global_step"],
+            total_steps=self.total_steps,
+            stopped_early=stopped_early,
+            best_step=state["best_step"],
+            best_eval_loss=state["best_eval_loss"],
+            last_train_loss=last_loss,
             eval_history=[tuple(x) for x in state["eval_history"]],
-            seconds=time.perf_counter() - start, supervised_tokens=state["supervised_tokens"],
+            seconds=time.perf_counter() - start,
+            supervised_tokens=state["supervised_tokens"],
         )
 
 
@@ -256,5 +302,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (they will be written again)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
+    ]
     path.write_text("".join(ln + "\n" for ln in keep))
