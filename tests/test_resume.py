@@ -63,6 +63,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, dates_rows, method):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].equal(b[k]), k
+
     def metrics(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
         return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in lines]
