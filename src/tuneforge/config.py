@@ -57,7 +57,14 @@ class DataConfig:
     system_prompt: str | None = _f(
         None, "System message added to records that have none (else the template's default)."
     )
-    packing: bool = _f(False, "Pack several samples per row (each attends only to itself).")
+    packing: bool = _f(
+        False,
+        "Pack several samples per row of max_length tokens (each attends only to itself); "
+        "training.batch_size then counts rows.",
+    )
+    group_by_length: bool = _f(
+        False, "Without packing: batch samples of similar length together (less padding)."
+    )
 
 
 @dataclass
@@ -95,6 +102,12 @@ class TrainingConfig:
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N.")
+    gradient_checkpointing: bool = _f(
+        False, "Recompute layer activations in backward (non-reentrant): less memory, ~30% slower."
+    )
+    compile: bool = _f(
+        False, "torch.compile each decoder layer (first steps are slow while it compiles)."
+    )
     progress: bool = _f(True, "Show a progress bar (loss, lr, tokens/s, ETA).")
 
 

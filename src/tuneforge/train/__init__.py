@@ -62,6 +62,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     data = prepare_sft_data(cfg.data, tokenizer, t.seed)
     model.config.use_cache = False
     model = apply_method(model, cfg.method)
+    prepare_for_speed(model, t)
     st = data.train_stats
     _log(
         f"data: {len(data.train)} training samples, {len(data.eval)} eval samples"
@@ -105,6 +106,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         )
     )
     return summary
+
+
+def prepare_for_speed(model: torch.nn.Module, t) -> None:
+    """Gradient checkpointing (non-reentrant, so frozen inputs need no grad hack) and compile."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if t.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.compile:
+        for layer in base.get_decoder().layers:
+            layer.compile(dynamic=True)
 
 
 def save_trained(model, tokenizer, cfg: Config, run_dir: Path) -> Path:

@@ -16,7 +16,13 @@ import torch
 from tqdm.auto import tqdm
 
 from tuneforge.config import TrainingConfig
-from tuneforge.data.batching import collate_padded, iterate_eval, micro_batches
+from tuneforge.data.batching import (
+    collate_packed,
+    collate_padded,
+    iterate_eval,
+    micro_batches,
+    pack_rows,
+)
 from tuneforge.data.render import Sample
 from tuneforge.train.checkpoint import (
     list_checkpoints,
@@ -86,6 +92,9 @@ class Trainer:
         pad_id: int,
         device: torch.device,
         collate=None,
+        packing: bool = False,
+        max_length: int = 0,
+        group_by_length: bool = False,
     ):
         self.model = model
         self.objective = objective
@@ -96,7 +105,12 @@ class Trainer:
         self.pad_id = pad_id
         self.device = device
         self.collate = collate or (lambda samples: collate_padded(samples, pad_id))
-        micro_per_epoch = math.ceil(len(train_samples) / cfg.batch_size)
+        self.packing = packing
+        self.group_by_length = group_by_length
+        self.max_length = max_length
+        self.flash_varlen = str(getattr(getattr(model, "config", None), "_attn_implementation", "")).startswith("flash")
+        self._epoch_cache: dict[int, list[list]] = {}
+        micro_per_epoch = len(self.epoch_micro_batches(0))
         self.steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation)
         self.total_steps = (
             cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * self.steps_per_epoch)
@@ -106,19 +120,39 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.lr_scheduler, warmup, self.total_steps)
         )
-        self._epoch_cache: dict[int, list[list[int]]] = {}
 
     # -- data position -------------------------------------------------------------------------
-    def window(self, step: int) -> list[list[int]]:
-        """Micro-batches (index lists) of optimizer step ``step`` (0-based), fixed by seed alone."""
-        epoch, k = divmod(step, self.steps_per_epoch)
+    def epoch_micro_batches(self, epoch: int) -> list[list]:
+        """Micro-batches of one epoch: lists of sample indices, or (packing) lists of rows."""
         if epoch not in self._epoch_cache:
-            self._epoch_cache = {
-                epoch: micro_batches(self.train_samples, self.cfg.batch_size, self.cfg.seed, epoch)
-            }
-        micro = self._epoch_cache[epoch]
+            cfg = self.cfg
+            if self.packing:
+                rows = pack_rows(self.train_samples, self.max_length, cfg.seed, epoch)
+                micro = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+            else:
+                micro = micro_batches(
+                    self.train_samples, cfg.batch_size, cfg.seed, epoch, self.group_by_length
+                )
+            self._epoch_cache = {epoch: micro}
+        return self._epoch_cache[epoch]
+
+    def window(self, step: int) -> list[list]:
+        """Micro-batches of optimizer step ``step`` (0-based), fixed by the seed alone."""
+        epoch, k = divmod(step, self.steps_per_epoch)
         a = self.cfg.gradient_accumulation
-        return micro[k * a : (k + 1) * a]
+        return self.epoch_micro_batches(epoch)[k * a : (k + 1) * a]
+
+    def make_batch(self, spec: list) -> dict[str, torch.Tensor]:
+        if self.packing:
+            rows = [[self.train_samples[i] for i in row] for row in spec]
+            return collate_packed(rows, self.pad_id, self.flash_varlen)
+        return self.collate([self.train_samples[i] for i in spec])
+
+    def autocast(self):
+        """bf16 autocast on GPUs that support it when the model runs in bf16; fp32 on CPU."""
+        dtype = next(self.model.parameters()).dtype
+        enabled = self.device.type == "cuda" and dtype == torch.bfloat16
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -127,11 +161,12 @@ class Trainer:
     def accumulate_gradients(self, step: int) -> dict:
         """Forward/backward over the step's micro-batches, each loss divided by the units (e.g.
         supervised tokens) of the whole window, so 8 x 1 and 1 x 8 give the same gradient."""
-        batches = [self.collate([self.train_samples[i] for i in mb]) for mb in self.window(step)]
+        batches = [self.make_batch(spec) for spec in self.window(step)]
         units = sum(self.objective.units(b) for b in batches)
         total = 0.0
         for b in batches:
-            loss_sum = self.objective.loss_sum(self.model, self._to_device(b))
+            with self.autocast():
+                loss_sum = self.objective.loss_sum(self.model, self._to_device(b))
             (loss_sum / max(units, 1)).backward()
             total += float(loss_sum.detach())
         return {"loss": total / max(units, 1), "tokens": units}
@@ -156,7 +191,8 @@ class Trainer:
         self.model.eval()
         total, units = 0.0, 0
         for b in iterate_eval(self.eval_samples, self.cfg.batch_size, self.pad_id):
-            total += float(self.objective.loss_sum(self.model, self._to_device(b)))
+            with self.autocast():
+                total += float(self.objective.loss_sum(self.model, self._to_device(b)))
             units += self.objective.units(b)
         if was_training:
             self.model.train()

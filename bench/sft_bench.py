@@ -1,0 +1,227 @@
+"""Side-by-side SFT speed benchmark: tuneforge vs HF Trainer + peft (padded) vs TRL SFTTrainer
+(packed), on the built-in model, the same samples, the same LoRA settings, fp32, no checkpointing.
+
+    .venv/bin/python bench/sft_bench.py            # full run (~10 min on 2 cores)
+    .venv/bin/python bench/sft_bench.py --n-train 24 --n-eval 8   # smoke run
+
+Each system runs in its own process (peak RSS is per process). Every system is fed the same
+token ids and labels (rendered once by tuneforge's renderer: chat template, labels on assistant
+tokens only) and is scored by the same eval-loss code afterwards. Numbers are printed, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+HP = dict(learning_rate=2e-4, warmup_ratio=0.1, max_grad_norm=1.0, seed=42)
+# transformers 5 folds warmup_ratio into warmup_steps (a float in [0, 1) is a ratio)
+HP_HF = dict(learning_rate=2e-4, warmup_steps=0.1, max_grad_norm=1.0, seed=42)
+MAX_LENGTH = 512
+# The same effective batch: HF pads 4 samples x 2 accumulation; the packed systems take 2 rows of
+# up to 512 tokens x 2 accumulation, about the same tokens per optimizer step (median sample ~180).
+HF_BATCH, PACKED_ROWS, ACCUM = 4, 2, 2
+
+
+def load_everything(n_train: int, n_eval: int):
+    from tuneforge.data.dataset import load_conversations
+    from tuneforge.data.render import render_dataset
+    from tuneforge.models import load_model
+
+    model, tok, _ = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    data = ROOT / "examples" / "instruct"
+    train_c, train_s = load_conversations(str(data / "train.jsonl"))
+    eval_c, eval_s = load_conversations(str(data / "eval.jsonl"))
+    train, _ = render_dataset(tok, train_c[:n_train], train_s[:n_train], MAX_LENGTH)
+    evals, _ = render_dataset(tok, eval_c[:n_eval], eval_s[:n_eval], MAX_LENGTH)
+    return model, tok, train, evals
+
+
+@torch.no_grad()
+def eval_loss(model, tok, samples) -> float:
+    """The same scoring for every system: plain full-logits CE over supervised tokens, padded."""
+    from tuneforge.data.batching import iterate_eval
+    from tuneforge.losses import causal_lm_loss_sum
+
+    model.eval()
+    total = units = 0.0
+    for b in iterate_eval(samples, 4, tok.pad_token_id):
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        total += float(causal_lm_loss_sum(logits, b["labels"]))
+        units += int((b["labels"][:, 1:] != -100).sum())
+    return total / units
+
+
+def run_tuneforge(model, tok, train, tmp: Path) -> None:
+    from tuneforge.config import MethodConfig, TrainingConfig
+    from tuneforge.methods import apply_method
+    from tuneforge.train.loop import Trainer
+    from tuneforge.train.sft import SFTObjective
+
+    model = apply_method(model, MethodConfig(name="lora", **LORA))
+    t = TrainingConfig(num_epochs=1, batch_size=PACKED_ROWS, gradient_accumulation=ACCUM,
+                       lr_scheduler="cosine", progress=False, save_steps=10**9, **HP)
+    trainer = Trainer(model, SFTObjective(), train, [], t, tmp, tok.pad_token_id,
+                      torch.device("cpu"), packing=True, max_length=MAX_LENGTH)
+    start = time.perf_counter()
+    trainer.run()
+    return model, time.perf_counter() - start
+
+
+def _hf_dataset(train, with_mask: bool):
+    from datasets import Dataset
+
+    rows = []
+    for s in train:
+        row = {"input_ids": s.input_ids, "labels": s.labels}
+        if with_mask:
+            row["attention_mask"] = [1] * len(s)
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+def run_hf(model, tok, train, tmp: Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    args = TrainingArguments(
+        output_dir=str(tmp), per_device_train_batch_size=HF_BATCH, gradient_accumulation_steps=ACCUM,
+        num_train_epochs=1, lr_scheduler_type="cosine", save_strategy="no", report_to=[],
+        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, logging_steps=10**6, **HP_HF,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=_hf_dataset(train, True),
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    start = time.perf_counter()
+    trainer.train()
+    return model, time.perf_counter() - start
+
+
+def run_trl(model, tok, train, tmp: Path):
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(tmp), per_device_train_batch_size=PACKED_ROWS, gradient_accumulation_steps=ACCUM,
+        num_train_epochs=1, lr_scheduler_type="cosine", save_strategy="no", report_to=[],
+        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, logging_steps=10**6,
+        packing=True, max_length=MAX_LENGTH, **HP_HF,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=_hf_dataset(train, False),
+                         processing_class=tok, peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+    start = time.perf_counter()
+    trainer.train()
+    return trainer.model, time.perf_counter() - start
+
+
+def useful_flops(model_cfg, train) -> float:
+    """Model FLOPs of one LoRA epoch: forward (2 per weight per token) + backward to activations
+    (2 more; frozen weights need no weight gradient), causal attention per sample, and the LM head
+    only where a token is supervised (the work a loss actually needs). Adapter FLOPs are ignored."""
+    d, L, V = model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.vocab_size
+    kv = model_cfg.num_key_value_heads * (d // model_cfg.num_attention_heads)
+    per_layer = d * d * 2 + 2 * d * kv + 3 * d * model_cfg.intermediate_size  # q,o + k,v + mlp
+    flops = 0.0
+    for s in train:
+        T = len(s)
+        flops += 4 * per_layer * L * T  # forward + activation backward
+        flops += 3 * (2 * L * T * T * d)  # causal QK^T and AV (T^2/2 each, x2 flops), fwd+bwd
+        flops += 4 * d * V * s.supervised_token_count  # head fwd + bwd at supervised positions
+    return flops
+
+
+def matmul_peak(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(10):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - t))
+    return best
+
+
+def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
+    torch.manual_seed(0)
+    model, tok, train, evals = load_everything(n_train, n_eval)
+    runner = {"tuneforge": run_tuneforge, "hf": run_hf, "trl": run_trl}[system]
+    with tempfile.TemporaryDirectory() as tmp:
+        model, seconds = runner(model, tok, train, Path(tmp))
+    loss = eval_loss(model, tok, evals)
+    result = {
+        "system": system,
+        "seconds": seconds,
+        "supervised_tokens": sum(s.supervised_token_count for s in train),
+        "tokens": sum(len(s) for s in train),
+        "flops": useful_flops(model.config if hasattr(model, "config") else model.base_model.config, train),
+        "eval_loss": loss,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "samples": len(train),
+    }
+    out.write_text(json.dumps(result))
+
+
+NAMES = {"tuneforge": "tuneforge (packed, selective head)", "hf": "HF Trainer + peft (padded)",
+         "trl": "TRL SFTTrainer (packing)"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-train", type=int, default=160)
+    p.add_argument("--n-eval", type=int, default=32)
+    p.add_argument("--systems", default="tuneforge,hf,trl")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    threads = torch.get_num_threads()
+    if args.child:
+        child(args.child, args.n_train, args.n_eval, Path(args.out))
+        return 0
+    peak = matmul_peak(threads)
+    results = {}
+    for system in args.systems.split(","):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            out = Path(f.name)
+        cmd = [sys.executable, __file__, "--child", system, "--out", str(out),
+               "--n-train", str(args.n_train), "--n-eval", str(args.n_eval)]
+        r = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            print(f"{system} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[system] = json.loads(out.read_text())
+        out.unlink()
+        res = results[system]
+        print(f"done {system}: {res['seconds']:.1f} s", file=sys.stderr)
+    ref = results.get("tuneforge")
+    print(f"\nmachine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} threads, fp32; "
+          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"data: {ref['samples'] if ref else '?'} samples of examples/instruct (64-512 tokens), 1 epoch, "
+          f"LoRA r16 q/k/v/o, lr 2e-4\n")
+    print("| system | supervised tok/s | wall s | peak RSS MB | eval loss | MFU | tok/s vs tuneforge | RSS vs tuneforge |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for system, r in results.items():
+        tps = r["supervised_tokens"] / r["seconds"]
+        mfu = r["flops"] / r["seconds"] / peak
+        ratio = (ref["supervised_tokens"] / ref["seconds"]) / tps if ref else float("nan")
+        rss = r["peak_rss_mb"] / ref["peak_rss_mb"] if ref else float("nan")
+        print(f"| {NAMES[system]} | {tps:.1f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['eval_loss']:.4f} | {100 * mfu:.1f}% | tuneforge {ratio:.2f}x | {rss:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
