@@ -96,6 +96,10 @@ class TrainingConfig:
     save_steps: int = _f(0, "Write a checkpoint every N optimizer steps (0: at each evaluation).")
     save_total_limit: int = _f(2, "Checkpoints to keep (oldest removed first).")
     logging_steps: int = _f(1, "Append to metrics.jsonl every N optimizer steps.")
+    max_bad_steps: int = _f(
+        5,
+        "A non-finite loss or gradient norm skips the step; stop after this many in a row.",
+    )
     dtype: str = _f(
         "auto",
         "auto | float32 | bfloat16: weight/compute dtype (auto: float32 on CPU, bfloat16 on GPUs that support it).",
@@ -339,7 +343,13 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("training.num_epochs", "must be positive (or set training.max_steps)")
     if t.max_steps < 0:
         bad("training.max_steps", f"must be >= 0, got {t.max_steps}")
-    for key in ("batch_size", "gradient_accumulation", "save_total_limit", "logging_steps"):
+    for key in (
+        "batch_size",
+        "gradient_accumulation",
+        "save_total_limit",
+        "logging_steps",
+        "max_bad_steps",
+    ):
         if getattr(t, key) < 1:
             bad(f"training.{key}", f"must be at least 1, got {getattr(t, key)}")
     for key in ("eval_steps", "save_steps", "early_stopping_patience"):

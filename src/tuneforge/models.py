@@ -238,11 +238,17 @@ def load_model(
                 )
                 model.hf_quantizer = None
             else:
+                if path.exists() and not _has_safetensors(path):
+                    raise TuneforgeError(
+                        f"model '{ref}': only pickle weights (*.bin) in the folder; tuneforge loads "
+                        "safetensors only — convert them (model.save_pretrained(..., "
+                        "safe_serialization=True)) and try again"
+                    )
                 model = AutoModelForCausalLM.from_pretrained(
                     resolved,
                     dtype=torch_dtype,
                     trust_remote_code=trust_remote_code,
-                    use_safetensors=None if not path.exists() else _has_safetensors(path),
+                    use_safetensors=True,  # never unpickle weights
                 )
         tokenizer = load_tokenizer(resolved, trust_remote_code)
     except TuneforgeError:

@@ -62,9 +62,7 @@ def iterate_eval(samples: list[Sample], batch_size: int, pad_id: int) -> Iterato
 
 
 # -- packing ------------------------------------------------------------------------------------
-def pack_rows(
-    samples: list[Sample], max_length: int, seed: int, epoch: int
-) -> list[list[int]]:
+def pack_rows(samples: list[Sample], max_length: int, seed: int, epoch: int) -> list[list[int]]:
     """Group sample indices into rows of at most ``max_length`` tokens (first-fit decreasing).
 
     The epoch's shuffled order breaks ties, so rows differ between epochs but are fixed by seed.

@@ -153,5 +153,6 @@ def _summary(cfg: Config, r: LoopResult, data, model, resolved: str) -> dict:
         "total_parameters": total,
         "train_seconds_this_process": round(r.seconds, 2),
         "supervised_tokens": r.supervised_tokens,
+        "skipped_steps": r.skipped_steps,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

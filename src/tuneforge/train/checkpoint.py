@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +80,47 @@ def save_checkpoint(
     best_state: dict[str, torch.Tensor] | None,
     keep: int,
 ) -> Path:
-    """Write ``ckpt_root/step-N`` atomically and prune the oldest beyond ``keep``."""
+    """Write ``ckpt_root/step-N`` atomically and prune the oldest beyond ``keep``.
+
+    Raises:
+        TuneforgeError: the write failed (disk full, permissions); the previous checkpoint is
+            left intact and the partial one removed.
+    """
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step}"
+    for stale in ckpt_root.glob(".tmp-step-*"):  # left by a crash mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ckpt_root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return _write_checkpoint(
+            ckpt_root, tmp, step, model, optimizer, scheduler, trainer_state, best_state, keep
+        )
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = list_checkpoints(ckpt_root)
+        prev = (
+            f"the previous checkpoint {done[-1].name} is intact"
+            if done
+            else "no earlier checkpoint"
+        )
+        reason = e.strerror or type(e).__name__
+        raise TuneforgeError(
+            f"could not write checkpoint step-{step} in {ckpt_root} ({reason}); {prev}. "
+            "Free disk space and continue with --resume"
+        ) from None
+
+
+def _write_checkpoint(
+    ckpt_root: Path,
+    tmp: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    trainer_state,
+    best_state,
+    keep,
+) -> Path:
+    final = ckpt_root / f"step-{step}"
     tmp.mkdir()
     _save_tensors(trainable_state(model), tmp / "trainable.safetensors")
     if best_state is not None:
@@ -91,6 +128,8 @@ def save_checkpoint(
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
+    if os.environ.get("TUNEFORGE_FAULT_KILL_IN_CHECKPOINT") == str(step):  # test hook
+        os.kill(os.getpid(), signal.SIGKILL)
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

@@ -24,6 +24,7 @@ from tuneforge.data.batching import (
     pack_rows,
 )
 from tuneforge.data.render import Sample
+from tuneforge.errors import TuneforgeError
 from tuneforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -76,6 +77,7 @@ class LoopResult:
     eval_history: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     supervised_tokens: int = 0
+    skipped_steps: int = 0
 
 
 class Trainer:
@@ -108,7 +110,9 @@ class Trainer:
         self.packing = packing
         self.group_by_length = group_by_length
         self.max_length = max_length
-        self.flash_varlen = str(getattr(getattr(model, "config", None), "_attn_implementation", "")).startswith("flash")
+        self.flash_varlen = str(
+            getattr(getattr(model, "config", None), "_attn_implementation", "")
+        ).startswith("flash")
         self._epoch_cache: dict[int, list[list]] = {}
         micro_per_epoch = len(self.epoch_micro_batches(0))
         self.steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation)
@@ -164,9 +168,12 @@ class Trainer:
         batches = [self.make_batch(spec) for spec in self.window(step)]
         units = sum(self.objective.units(b) for b in batches)
         total = 0.0
+        poison = step + 1 in _fault_steps("TUNEFORGE_FAULT_NAN_STEPS")  # test hook: a NaN loss
         for b in batches:
             with self.autocast():
                 loss_sum = self.objective.loss_sum(self.model, self._to_device(b))
+            if poison:
+                loss_sum = loss_sum * float("nan")
             (loss_sum / max(units, 1)).backward()
             total += float(loss_sum.detach())
         return {"loss": total / max(units, 1), "tokens": units}
@@ -180,10 +187,17 @@ class Trainer:
             grads = [p.grad.norm() for p in params if p.grad is not None]
             grad_norm = float(torch.norm(torch.stack(grads))) if grads else 0.0
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        finite = math.isfinite(out["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        # A non-finite loss or gradient skips the update; the schedule still advances so the
+        # learning rate stays tied to the step count.
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": out["loss"], "grad_norm": grad_norm, "lr": lr, "tokens": out["tokens"]}
+        result = {"loss": out["loss"], "grad_norm": grad_norm, "lr": lr, "tokens": out["tokens"]}
+        if not finite:
+            result["skipped"] = True
+        return result
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -224,6 +238,8 @@ class Trainer:
             "bad_evals": 0,
             "eval_history": [],
             "supervised_tokens": 0,
+            "skipped_steps": 0,
+            "bad_steps_in_row": 0,
         }
         best_state = None
         if resume:
@@ -254,7 +270,13 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 state["global_step"] = step + 1
                 state["supervised_tokens"] += out["tokens"]
-                last_loss = out["loss"]
+                if out.get("skipped"):
+                    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+                    state["bad_steps_in_row"] = state.get("bad_steps_in_row", 0) + 1
+                    bar.write(f"step {step + 1}: non-finite loss or gradient; update skipped")
+                else:
+                    state["bad_steps_in_row"] = 0
+                    last_loss = out["loss"]
                 if fault_step and state["global_step"] == fault_step:
                     os.kill(os.getpid(), signal.SIGKILL)
                 record = {
@@ -265,6 +287,20 @@ class Trainer:
                 }
                 if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
                     metrics.write(json.dumps(record) + "\n")
+                if state["bad_steps_in_row"] >= cfg.max_bad_steps:
+                    metrics.flush()
+                    bar.close()
+                    done = list_checkpoints(ckpt_root)
+                    keep = (
+                        f"the last good checkpoint is {done[-1]}"
+                        if done
+                        else "no checkpoint was written"
+                    )
+                    raise TuneforgeError(
+                        f"training diverged: {state['bad_steps_in_row']} steps in a row (up to step "
+                        f"{step + 1}) had a non-finite loss or gradient norm; {keep}. Lower "
+                        "training.learning_rate or set training.max_grad_norm, then --resume"
+                    )
                 bar.set_postfix(
                     loss=f"{out['loss']:.4f}",
                     lr=f"{out['lr']:.2e}",
@@ -301,7 +337,8 @@ class Trainer:
                     ):
                         stopped_early = True
                 metrics.flush()
-                if self._save_due(step + 1, evaluated) or stopped_early:
+                save = self._save_due(step + 1, evaluated) or stopped_early
+                if save and not out.get("skipped"):  # never checkpoint inside a bad streak
                     save_best = best_state if state["best_step"] != step + 1 else None
                     save_checkpoint(
                         ckpt_root,
@@ -330,8 +367,15 @@ class Trainer:
             last_train_loss=last_loss,
             eval_history=[tuple(x) for x in state["eval_history"]],
             seconds=time.perf_counter() - start,
+            skipped_steps=state.get("skipped_steps", 0),
             supervised_tokens=state["supervised_tokens"],
         )
+
+
+def _fault_steps(name: str) -> set[int]:
+    """Steps named in a fault-injection variable (tests only), e.g. '3,4'."""
+    raw = os.environ.get(name, "")
+    return {int(x) for x in raw.split(",") if x.strip()}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
