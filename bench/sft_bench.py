@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+LORA = dict(
+    r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+)
 HP = dict(learning_rate=2e-4, warmup_ratio=0.1, max_grad_norm=1.0, seed=42)
 # transformers 5 folds warmup_ratio into warmup_steps (a float in [0, 1) is a ratio)
 HP_HF = dict(learning_rate=2e-4, warmup_steps=0.1, max_grad_norm=1.0, seed=42)
@@ -70,10 +72,27 @@ def run_tuneforge(model, tok, train, tmp: Path) -> None:
     from tuneforge.train.sft import SFTObjective
 
     model = apply_method(model, MethodConfig(name="lora", **LORA))
-    t = TrainingConfig(num_epochs=1, batch_size=PACKED_ROWS, gradient_accumulation=ACCUM,
-                       lr_scheduler="cosine", progress=False, save_steps=10**9, **HP)
-    trainer = Trainer(model, SFTObjective(), train, [], t, tmp, tok.pad_token_id,
-                      torch.device("cpu"), packing=True, max_length=MAX_LENGTH)
+    t = TrainingConfig(
+        num_epochs=1,
+        batch_size=PACKED_ROWS,
+        gradient_accumulation=ACCUM,
+        lr_scheduler="cosine",
+        progress=False,
+        save_steps=10**9,
+        **HP,
+    )
+    trainer = Trainer(
+        model,
+        SFTObjective(),
+        train,
+        [],
+        t,
+        tmp,
+        tok.pad_token_id,
+        torch.device("cpu"),
+        packing=True,
+        max_length=MAX_LENGTH,
+    )
     start = time.perf_counter()
     trainer.run()
     return model, time.perf_counter() - start
@@ -97,12 +116,25 @@ def run_hf(model, tok, train, tmp: Path):
 
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
     args = TrainingArguments(
-        output_dir=str(tmp), per_device_train_batch_size=HF_BATCH, gradient_accumulation_steps=ACCUM,
-        num_train_epochs=1, lr_scheduler_type="cosine", save_strategy="no", report_to=[],
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, logging_steps=10**6, **HP_HF,
+        output_dir=str(tmp),
+        per_device_train_batch_size=HF_BATCH,
+        gradient_accumulation_steps=ACCUM,
+        num_train_epochs=1,
+        lr_scheduler_type="cosine",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        logging_steps=10**6,
+        **HP_HF,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=_hf_dataset(train, True),
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_hf_dataset(train, True),
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+    )
     start = time.perf_counter()
     trainer.train()
     return model, time.perf_counter() - start
@@ -113,13 +145,28 @@ def run_trl(model, tok, train, tmp: Path):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
-        output_dir=str(tmp), per_device_train_batch_size=PACKED_ROWS, gradient_accumulation_steps=ACCUM,
-        num_train_epochs=1, lr_scheduler_type="cosine", save_strategy="no", report_to=[],
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, logging_steps=10**6,
-        packing=True, max_length=MAX_LENGTH, **HP_HF,
+        output_dir=str(tmp),
+        per_device_train_batch_size=PACKED_ROWS,
+        gradient_accumulation_steps=ACCUM,
+        num_train_epochs=1,
+        lr_scheduler_type="cosine",
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        logging_steps=10**6,
+        packing=True,
+        max_length=MAX_LENGTH,
+        **HP_HF,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=_hf_dataset(train, False),
-                         processing_class=tok, peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=_hf_dataset(train, False),
+        processing_class=tok,
+        peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+    )
     start = time.perf_counter()
     trainer.train()
     return trainer.model, time.perf_counter() - start
@@ -166,7 +213,9 @@ def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
         "seconds": seconds,
         "supervised_tokens": sum(s.supervised_token_count for s in train),
         "tokens": sum(len(s) for s in train),
-        "flops": useful_flops(model.config if hasattr(model, "config") else model.base_model.config, train),
+        "flops": useful_flops(
+            model.config if hasattr(model, "config") else model.base_model.config, train
+        ),
         "eval_loss": loss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "samples": len(train),
@@ -174,8 +223,11 @@ def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
     out.write_text(json.dumps(result))
 
 
-NAMES = {"tuneforge": "tuneforge (packed, selective head)", "hf": "HF Trainer + peft (padded)",
-         "trl": "TRL SFTTrainer (packing)"}
+NAMES = {
+    "tuneforge": "tuneforge (packed, selective head)",
+    "hf": "HF Trainer + peft (padded)",
+    "trl": "TRL SFTTrainer (packing)",
+}
 
 
 def main() -> int:
@@ -195,10 +247,24 @@ def main() -> int:
     for system in args.systems.split(","):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = Path(f.name)
-        cmd = [sys.executable, __file__, "--child", system, "--out", str(out),
-               "--n-train", str(args.n_train), "--n-eval", str(args.n_eval)]
-        r = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-                           capture_output=True, text=True)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            system,
+            "--out",
+            str(out),
+            "--n-train",
+            str(args.n_train),
+            "--n-eval",
+            str(args.n_eval),
+        ]
+        r = subprocess.run(
+            cmd,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             print(f"{system} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
             continue
@@ -207,19 +273,27 @@ def main() -> int:
         res = results[system]
         print(f"done {system}: {res['seconds']:.1f} s", file=sys.stderr)
     ref = results.get("tuneforge")
-    print(f"\nmachine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} threads, fp32; "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"data: {ref['samples'] if ref else '?'} samples of examples/instruct (64-512 tokens), 1 epoch, "
-          f"LoRA r16 q/k/v/o, lr 2e-4\n")
-    print("| system | supervised tok/s | wall s | peak RSS MB | eval loss | MFU | tok/s vs tuneforge | RSS vs tuneforge |")
+    print(
+        f"\nmachine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} threads, fp32; "
+        f"matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
+    print(
+        f"data: {ref['samples'] if ref else '?'} samples of examples/instruct (64-512 tokens), 1 epoch, "
+        f"LoRA r16 q/k/v/o, lr 2e-4\n"
+    )
+    print(
+        "| system | supervised tok/s | wall s | peak RSS MB | eval loss | MFU | tok/s vs tuneforge | RSS vs tuneforge |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for system, r in results.items():
         tps = r["supervised_tokens"] / r["seconds"]
         mfu = r["flops"] / r["seconds"] / peak
         ratio = (ref["supervised_tokens"] / ref["seconds"]) / tps if ref else float("nan")
         rss = r["peak_rss_mb"] / ref["peak_rss_mb"] if ref else float("nan")
-        print(f"| {NAMES[system]} | {tps:.1f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['eval_loss']:.4f} | {100 * mfu:.1f}% | tuneforge {ratio:.2f}x | {rss:.2f} |")
+        print(
+            f"| {NAMES[system]} | {tps:.1f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['eval_loss']:.4f} | {100 * mfu:.1f}% | tuneforge {ratio:.2f}x | {rss:.2f} |"
+        )
     return 0
 
 

@@ -36,8 +36,11 @@ def test_pack_rows_uses_every_sample_once_within_max_length():
 def check_packed_logits_equal_alone(model, samples, pad_id, atol):
     model.eval()
     packed = collate_packed([samples], pad_id)
-    logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                   position_ids=packed["position_ids"]).logits[0]
+    logits = model(
+        input_ids=packed["input_ids"],
+        attention_mask=packed["attention_mask"],
+        position_ids=packed["position_ids"],
+    ).logits[0]
     pos = 0
     for s in samples:
         alone = model(input_ids=torch.tensor([s.input_ids])).logits[0]
@@ -86,8 +89,10 @@ def test_packed_and_padded_give_the_same_loss_and_gradients(selective):
 
 def test_group_by_length_reduces_padding():
     samples = make_samples(64, lo=5, hi=200)
+
     def padded_tokens(batches):
         return sum(len(b) * max(len(samples[i]) for i in b) for b in batches)
+
     plain = micro_batches(samples, 8, seed=0, epoch=0)
     grouped = micro_batches(samples, 8, seed=0, epoch=0, group_by_length=True)
     assert sorted(i for b in grouped for i in b) == list(range(64))

@@ -29,8 +29,15 @@ def config_file(tmp_path, name, dates_rows, **training):
         "output_dir": str(tmp_path / name),
         "method": {"name": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
         "data": {"train": str(train_f), "max_length": 96},
-        "training": {"max_steps": 10, "batch_size": 4, "learning_rate": 1e-3, "save_steps": 2,
-                     "progress": False, "seed": 3, **training},
+        "training": {
+            "max_steps": 10,
+            "batch_size": 4,
+            "learning_rate": 1e-3,
+            "save_steps": 2,
+            "progress": False,
+            "seed": 3,
+            **training,
+        },
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -75,8 +82,12 @@ def test_ten_kills_at_random_moments(tmp_path, dates_rows):
     kills = 0
     resume = []
     while kills < 10:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(killed), *resume],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tuneforge", "train", str(killed), *resume],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         before = len(list_checkpoints(root))
         while proc.poll() is None and len(list_checkpoints(root)) <= before:
             time.sleep(0.01)  # wait for progress, then kill at a random moment after it
@@ -100,8 +111,11 @@ def test_ten_kills_at_random_moments(tmp_path, dates_rows):
 
 def test_failing_checkpoint_write_keeps_previous_checkpoint(tmp_path, dates_rows, monkeypatch):
     """Simulated full disk on the second checkpoint: a clear error, step-2 intact and loadable."""
-    cfg = tiny_config(tmp_path, write_jsonl(tmp_path / "t.jsonl", dates_rows[:16]),
-                      **{"training.save_steps": 2, "training.max_steps": 6})
+    cfg = tiny_config(
+        tmp_path,
+        write_jsonl(tmp_path / "t.jsonl", dates_rows[:16]),
+        **{"training.save_steps": 2, "training.max_steps": 6},
+    )
     real_save = torch.save
     calls = {"n": 0}
 
@@ -132,8 +146,9 @@ def test_failing_checkpoint_write_keeps_previous_checkpoint(tmp_path, dates_rows
 
 
 def test_nan_steps_are_skipped_and_counted(tmp_path, dates_rows, monkeypatch):
-    cfg = tiny_config(tmp_path, write_jsonl(tmp_path / "t.jsonl", dates_rows[:16]),
-                      **{"training.max_steps": 6})
+    cfg = tiny_config(
+        tmp_path, write_jsonl(tmp_path / "t.jsonl", dates_rows[:16]), **{"training.max_steps": 6}
+    )
     monkeypatch.setenv("TUNEFORGE_FAULT_NAN_STEPS", "2,3")
     summary = train(cfg)
     assert summary["skipped_steps"] == 2 and summary["steps"] == 6
@@ -144,14 +159,25 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, dates_rows, monkeypatch):
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_path, dates_rows):
-    cfg = config_file(tmp_path, "run", dates_rows, max_steps=30, save_steps=1, max_bad_steps=3,
-                      max_grad_norm=0, lr_scheduler="constant")
+    cfg = config_file(
+        tmp_path,
+        "run",
+        dates_rows,
+        max_steps=30,
+        save_steps=1,
+        max_bad_steps=3,
+        max_grad_norm=0,
+        lr_scheduler="constant",
+    )
     r = run_cli("train", str(cfg), env={"TUNEFORGE_FAULT_NAN_STEPS": "4,5,6"})
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert lines[-1].startswith("error: training diverged: 3 steps in a row (up to step 6)")
     assert "the last good checkpoint is" in lines[-1] and "step-3" in lines[-1]
-    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-2", "step-3"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "step-2",
+        "step-3",
+    ]
 
 
 def test_pickle_only_model_folder_is_refused(tmp_path):

@@ -136,8 +136,9 @@ def test_gradient_checkpointing_gives_the_same_nonzero_lora_gradients(tmp_path):
         t = TrainingConfig(batch_size=8, max_steps=1, progress=False, gradient_checkpointing=ckpt)
         prepare_for_speed(model, t)
         assert model.get_base_model().is_gradient_checkpointing == ckpt
-        trainer = Trainer(model, SFTObjective(), samples, [], t, tmp_path, tok.pad_token_id,
-                          torch.device("cpu"))
+        trainer = Trainer(
+            model, SFTObjective(), samples, [], t, tmp_path, tok.pad_token_id, torch.device("cpu")
+        )
         trainer.accumulate_gradients(0)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     # every trainable parameter gets a gradient; lora_B starts at zero, so lora_A's grad is zero

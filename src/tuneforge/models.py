@@ -57,6 +57,9 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
 
 
 def cache_dir() -> Path:
@@ -171,12 +174,42 @@ def resolve_model(ref: str) -> str:
             f"use an HF model folder, a .gguf file, a hub id or one of: {', '.join(ALIASES)}"
         )
     looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+    if looks_like_hub_id and Path(ref.split("/")[0]).is_dir():
+        looks_like_hub_id = False  # "models/x" next to a local models/ folder is a path typo
     if not looks_like_hub_id:
         raise TuneforgeError(
             f"model '{ref}': no such folder or file, and not a hub id (owner/name); "
             f"built-in aliases: {', '.join(ALIASES)}"
         )
+    if not _hub_reachable():
+        # Offline: a model already in the hub cache still loads; anything else fails now rather
+        # than after the hub client's retries.
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(ref, "config.json")
+        if not isinstance(cached, str):
+            raise TuneforgeError(
+                f"model '{ref}': not a local folder or file, and the hub cannot be reached "
+                "(offline); use a local model folder, a .gguf file or a built-in alias "
+                f"({', '.join(ALIASES)})"
+            )
+        return str(Path(cached).parent)
     return ref
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    import socket
+
+    try:
+        socket.setdefaulttimeout(timeout)
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(None)
 
 
 def pick_device(device: str = "auto") -> torch.device:

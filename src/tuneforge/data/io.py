@@ -77,7 +77,11 @@ def _read_jsonl(path: Path, text: str) -> list[Record]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            hint = " (the last line looks cut off)" if i >= len(lines) - 1 else ""
+            hint = ""
+            if i == len(lines) and not text.endswith("\n"):
+                hint = " (the last line looks cut off)"
+            elif len(line) > 1_000_000:
+                hint = f" (a {len(line) / 1e6:.1f} MB line)"
             raise TuneforgeError(f"{path}:{i}: invalid JSON ({e.msg}){hint}") from None
         if isinstance(obj, list):  # a bare list of messages is a chat record
             obj = {"messages": obj}
