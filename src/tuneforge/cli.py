@@ -16,6 +16,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.resume and args.overwrite:
         raise TuneforgeError("--resume and --overwrite contradict each other; pick one")
+    if args.nproc < 1:
+        raise TuneforgeError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from tuneforge.train.distributed import launch
+
+        argv = ["train", args.config, *args.overrides]
+        argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+        return launch(argv, args.nproc)
     train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
@@ -81,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the run's latest checkpoint"
     )
     t.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine (gloo on CPU, nccl on GPU); "
+        "training.batch_size is per process. For several nodes use torchrun -m tuneforge train",
+    )
     t.set_defaults(func=cmd_train)
 
     g = sub.add_parser(

@@ -18,6 +18,7 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.methods import apply_method, describe_trainable, trainable_parameters
 from tuneforge.models import load_model, pick_device
 from tuneforge.train.checkpoint import list_checkpoints
+from tuneforge.train.distributed import init_from_env, shutdown
 from tuneforge.train.loop import LoopResult, Trainer
 from tuneforge.train.sft import SFTObjective
 
@@ -52,52 +53,72 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     """Fine-tune ``cfg.model`` as configured; returns the run summary (also saved as summary.json).
 
     Everything that can fail because of the user's input (config, model reference, data) is checked
-    before the run folder is created or changed.
+    before the run folder is created or changed. Under torchrun / ``--nproc`` every rank runs this;
+    only rank 0 writes.
     """
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume, overwrite)
     t = cfg.training
-    seed_everything(t.seed)
-    model, tokenizer, resolved = load_model(cfg.model, t.dtype, t.device, cfg.trust_remote_code)
-    data = prepare_sft_data(cfg.data, tokenizer, t.seed)
-    model.config.use_cache = False
-    model = apply_method(model, cfg.method)
-    prepare_for_speed(model, t)
-    st = data.train_stats
-    _log(
-        f"data: {len(data.train)} training samples, {len(data.eval)} eval samples"
-        + (f"; {st.truncated} truncated to {cfg.data.max_length} tokens" if st.truncated else "")
-        + (
-            f"; {st.dropped_no_labels} dropped (no supervised token within max_length)"
-            if st.dropped_no_labels
-            else ""
-        )
-    )
-    _log(describe_trainable(model))
-
-    if overwrite and not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-
     device = pick_device(t.device)
-    trainer = Trainer(
-        model,
-        objective or SFTObjective(),
-        data.train,
-        data.eval,
-        t,
-        run_dir,
-        tokenizer.pad_token_id,
-        device,
-    )
-    result = trainer.run(resume=resume)
-    save_trained(model, tokenizer, cfg, run_dir)
-    summary = _summary(cfg, result, data, model, resolved)
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run_dir / "summary.json")
-    _log(
+    dist = init_from_env(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device(f"cuda:{dist.local_rank}")
+    log = _log if dist.is_main else (lambda msg: None)
+    try:
+        seed_everything(t.seed)
+        model, tokenizer, resolved = load_model(
+            cfg.model, t.dtype, str(device), cfg.trust_remote_code
+        )
+        data = prepare_sft_data(cfg.data, tokenizer, t.seed)
+        model.config.use_cache = False
+        model = apply_method(model, cfg.method)
+        prepare_for_speed(model, t)
+        st = data.train_stats
+        log(
+            f"data: {len(data.train)} training samples, {len(data.eval)} eval samples"
+            + (
+                f"; {st.truncated} truncated to {cfg.data.max_length} tokens"
+                if st.truncated
+                else ""
+            )
+            + (
+                f"; {st.dropped_no_labels} dropped (no supervised token within max_length)"
+                if st.dropped_no_labels
+                else ""
+            )
+        )
+        log(describe_trainable(model) + (f"; {dist.world} processes" if dist.enabled else ""))
+        if dist.is_main:
+            if overwrite and not resume and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, run_dir / "config.yaml")
+        dist.barrier()
+        trainer = Trainer(
+            model,
+            objective or SFTObjective(),
+            data.train,
+            data.eval,
+            t,
+            run_dir,
+            tokenizer.pad_token_id,
+            device,
+            packing=cfg.data.packing,
+            max_length=cfg.data.max_length,
+            group_by_length=cfg.data.group_by_length,
+            dist=dist,
+        )
+        result = trainer.run(resume=resume)
+        summary = _summary(cfg, result, data, model, resolved)
+        if dist.is_main:
+            save_trained(model, tokenizer, cfg, run_dir)
+            tmp = run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(run_dir / "summary.json")
+        dist.barrier()
+    finally:
+        shutdown(dist)
+    log(
         f"saved {run_dir / ('model' if cfg.method.name == 'full' else 'adapter')}"
         + (
             f" (best eval loss {result.best_eval_loss:.4f} at step {result.best_step})"

@@ -79,6 +79,7 @@ def save_checkpoint(
     trainer_state: dict,
     best_state: dict[str, torch.Tensor] | None,
     keep: int,
+    rng_states: list[dict] | None = None,
 ) -> Path:
     """Write ``ckpt_root/step-N`` atomically and prune the oldest beyond ``keep``.
 
@@ -92,7 +93,16 @@ def save_checkpoint(
     tmp = ckpt_root / f".tmp-step-{step}"
     try:
         return _write_checkpoint(
-            ckpt_root, tmp, step, model, optimizer, scheduler, trainer_state, best_state, keep
+            ckpt_root,
+            tmp,
+            step,
+            model,
+            optimizer,
+            scheduler,
+            trainer_state,
+            best_state,
+            keep,
+            rng_states or [rng_state()],
         )
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,9 +126,10 @@ def _write_checkpoint(
     model,
     optimizer,
     scheduler,
-    trainer_state,
-    best_state,
-    keep,
+    trainer_state: dict,
+    best_state: dict | None,
+    keep: int,
+    rng_states: list[dict],
 ) -> Path:
     final = ckpt_root / f"step-{step}"
     tmp.mkdir()
@@ -127,7 +138,7 @@ def _write_checkpoint(
         _save_tensors(best_state, tmp / "best.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    torch.save({"per_rank": rng_states}, tmp / "rng.pt")  # one entry per data-parallel rank
     if os.environ.get("TUNEFORGE_FAULT_KILL_IN_CHECKPOINT") == str(step):  # test hook
         os.kill(os.getpid(), signal.SIGKILL)
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
@@ -156,12 +167,19 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[dict, dict | None]:
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, rank: int = 0
+) -> tuple[dict, dict | None]:
     """Restore weights, optimizer, scheduler and RNG; returns (trainer_state, best_state)."""
     load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    per_rank = torch.load(path / "rng.pt", weights_only=True)["per_rank"]
+    if rank >= len(per_rank):
+        raise TuneforgeError(
+            f"{path} was written by {len(per_rank)} process(es); resume with the same --nproc"
+        )
+    set_rng_state(per_rank[rank])
     best = path / "best.safetensors"
     best_state = load_file(str(best)) if best.is_file() else None
     return json.loads((path / "trainer_state.json").read_text()), best_state

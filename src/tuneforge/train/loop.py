@@ -29,9 +29,11 @@ from tuneforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_trainable_state,
+    rng_state,
     save_checkpoint,
     trainable_state,
 )
+from tuneforge.train.distributed import Dist
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
@@ -97,6 +99,7 @@ class Trainer:
         packing: bool = False,
         max_length: int = 0,
         group_by_length: bool = False,
+        dist: Dist | None = None,
     ):
         self.model = model
         self.objective = objective
@@ -108,6 +111,7 @@ class Trainer:
         self.device = device
         self.collate = collate or (lambda samples: collate_padded(samples, pad_id))
         self.packing = packing
+        self.dist = dist or Dist()
         self.group_by_length = group_by_length
         self.max_length = max_length
         self.flash_varlen = str(
@@ -130,12 +134,13 @@ class Trainer:
         """Micro-batches of one epoch: lists of sample indices, or (packing) lists of rows."""
         if epoch not in self._epoch_cache:
             cfg = self.cfg
+            size = cfg.batch_size * self.dist.world  # a global micro-batch; each rank its slice
             if self.packing:
                 rows = pack_rows(self.train_samples, self.max_length, cfg.seed, epoch)
-                micro = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+                micro = [rows[i : i + size] for i in range(0, len(rows), size)]
             else:
                 micro = micro_batches(
-                    self.train_samples, cfg.batch_size, cfg.seed, epoch, self.group_by_length
+                    self.train_samples, size, cfg.seed, epoch, self.group_by_length
                 )
             self._epoch_cache = {epoch: micro}
         return self._epoch_cache[epoch]
@@ -146,7 +151,12 @@ class Trainer:
         a = self.cfg.gradient_accumulation
         return self.epoch_micro_batches(epoch)[k * a : (k + 1) * a]
 
-    def make_batch(self, spec: list) -> dict[str, torch.Tensor]:
+    def make_batch(self, spec: list) -> dict[str, torch.Tensor] | None:
+        """This rank's slice of a global micro-batch, collated (None if the slice is empty)."""
+        b = self.cfg.batch_size
+        spec = spec[self.dist.rank * b : (self.dist.rank + 1) * b]
+        if not spec:
+            return None
         if self.packing:
             rows = [[self.train_samples[i] for i in row] for row in spec]
             return collate_packed(rows, self.pad_id, self.flash_varlen)
@@ -166,7 +176,9 @@ class Trainer:
         """Forward/backward over the step's micro-batches, each loss divided by the units (e.g.
         supervised tokens) of the whole window, so 8 x 1 and 1 x 8 give the same gradient."""
         batches = [self.make_batch(spec) for spec in self.window(step)]
-        units = sum(self.objective.units(b) for b in batches)
+        batches = [b for b in batches if b is not None]
+        local_units = sum(self.objective.units(b) for b in batches)
+        units = int(self.dist.all_reduce_sum(local_units))  # the whole window, all ranks
         total = 0.0
         poison = step + 1 in _fault_steps("TUNEFORGE_FAULT_NAN_STEPS")  # test hook: a NaN loss
         for b in batches:
@@ -176,6 +188,13 @@ class Trainer:
                 loss_sum = loss_sum * float("nan")
             (loss_sum / max(units, 1)).backward()
             total += float(loss_sum.detach())
+        if self.dist.enabled:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            for p in params:  # a rank with an empty slice still joins the reduction
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.dist.all_reduce_grads(params)
+            total = self.dist.all_reduce_sum(total)
         return {"loss": total / max(units, 1), "tokens": units}
 
     def train_step(self, step: int) -> dict:
@@ -204,10 +223,12 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total, units = 0.0, 0
-        for b in iterate_eval(self.eval_samples, self.cfg.batch_size, self.pad_id):
+        shard = self.eval_samples[self.dist.rank :: self.dist.world]
+        for b in iterate_eval(shard, self.cfg.batch_size, self.pad_id) if shard else []:
             with self.autocast():
                 total += float(self.objective.loss_sum(self.model, self._to_device(b)))
             units += self.objective.units(b)
+        total, units = self.dist.all_reduce_sum(total), self.dist.all_reduce_sum(units)
         if was_training:
             self.model.train()
         return total / max(units, 1)
@@ -246,15 +267,16 @@ class Trainer:
             ckpts = list_checkpoints(ckpt_root)
             if ckpts:
                 state, best_state = load_checkpoint(
-                    ckpts[-1], self.model, self.optimizer, self.scheduler
+                    ckpts[-1], self.model, self.optimizer, self.scheduler, rank=self.dist.rank
                 )
-                _truncate_metrics(metrics_path, state["global_step"])
+                if self.dist.is_main:
+                    _truncate_metrics(metrics_path, state["global_step"])
         self.model.train()
         fault_step = int(os.environ.get("TUNEFORGE_FAULT_KILL_AT_STEP", "0"))  # test hook: SIGKILL
         bar = tqdm(
             total=self.total_steps,
             initial=state["global_step"],
-            disable=not cfg.progress,
+            disable=not cfg.progress or not self.dist.is_main,
             file=sys.stderr,
             dynamic_ncols=True,
             desc="train",
@@ -263,7 +285,8 @@ class Trainer:
         stopped_early = bool(state.get("stopped_early"))
         last_loss = None
         first_step = self.total_steps if stopped_early else state["global_step"]
-        with open(metrics_path, "a") as metrics:
+        main = self.dist.is_main
+        with open(metrics_path if main else os.devnull, "a") as metrics:
             for step in range(first_step, self.total_steps):
                 t0 = time.perf_counter()
                 out = self.train_step(step)
@@ -339,17 +362,19 @@ class Trainer:
                 metrics.flush()
                 save = self._save_due(step + 1, evaluated) or stopped_early
                 if save and not out.get("skipped"):  # never checkpoint inside a bad streak
-                    save_best = best_state if state["best_step"] != step + 1 else None
-                    save_checkpoint(
-                        ckpt_root,
-                        step + 1,
-                        self.model,
-                        self.optimizer,
-                        self.scheduler,
-                        {**state, "stopped_early": stopped_early},
-                        save_best,
-                        cfg.save_total_limit,
-                    )
+                    rng = self.dist.gather_objects(rng_state())
+                    if main:
+                        save_checkpoint(
+                            ckpt_root,
+                            step + 1,
+                            self.model,
+                            self.optimizer,
+                            self.scheduler,
+                            {**state, "stopped_early": stopped_early},
+                            best_state if state["best_step"] != step + 1 else None,
+                            cfg.save_total_limit,
+                            rng_states=rng,
+                        )
                 if stopped_early:
                     bar.write(
                         f"early stopping: no eval improvement in {cfg.early_stopping_patience} evaluations"
