@@ -106,6 +106,12 @@ class TrainingConfig:
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N.")
+    attn_implementation: str = _f(
+        "auto",
+        "auto | sdpa | eager | flash_attention_2 (auto: flash-attn's variable-length kernel on "
+        "GPUs where it is installed, else SDPA with a block-diagonal mask for packed rows).",
+        choices=("auto", "sdpa", "eager", "flash_attention_2"),
+    )
     gradient_checkpointing: bool = _f(
         False, "Recompute layer activations in backward (non-reentrant): less memory, ~30% slower."
     )

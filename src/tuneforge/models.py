@@ -248,8 +248,13 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    attn_implementation: str = "auto",
 ):
-    """Load ``(model, tokenizer, resolved_path)`` for a reference; see the module docstring."""
+    """Load ``(model, tokenizer, resolved_path)`` for a reference; see the module docstring.
+
+    ``attn_implementation`` auto picks flash_attention_2 on a CUDA GPU when the flash-attn package
+    is installed (packed batches then use its variable-length kernel), else SDPA.
+    """
     from transformers import AutoModelForCausalLM
 
     if trust_remote_code:
@@ -258,6 +263,7 @@ def load_model(
     _quiet_transformers()
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    attn = _attn_implementation(attn_implementation, dev, torch_dtype)
     path = Path(resolved)
     try:
         with warnings.catch_warnings():
@@ -267,6 +273,7 @@ def load_model(
                     path.parent,
                     gguf_file=path.name,
                     dtype=torch_dtype,
+                    attn_implementation=attn,
                     trust_remote_code=trust_remote_code,
                 )
                 model.hf_quantizer = None
@@ -280,6 +287,7 @@ def load_model(
                 model = AutoModelForCausalLM.from_pretrained(
                     resolved,
                     dtype=torch_dtype,
+                    attn_implementation=attn,
                     trust_remote_code=trust_remote_code,
                     use_safetensors=True,  # never unpickle weights
                 )
@@ -294,6 +302,18 @@ def load_model(
         raise TuneforgeError(f"model '{ref}': could not be loaded ({first})") from None
     model.to(dev)
     return model, tokenizer, resolved
+
+
+def _attn_implementation(choice: str, device: torch.device, dtype: torch.dtype) -> str:
+    if choice != "auto":
+        return choice
+    if (
+        device.type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
+    return "sdpa"
 
 
 def _has_safetensors(path: Path) -> bool:

@@ -67,7 +67,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     try:
         seed_everything(t.seed)
         model, tokenizer, resolved = load_model(
-            cfg.model, t.dtype, str(device), cfg.trust_remote_code
+            cfg.model, t.dtype, str(device), cfg.trust_remote_code, t.attn_implementation
         )
         data = prepare_sft_data(cfg.data, tokenizer, t.seed)
         model.config.use_cache = False
