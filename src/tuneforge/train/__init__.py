@@ -59,7 +59,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     t = cfg.training
     seed_everything(t.seed)
     model, tokenizer, resolved = load_model(cfg.model, t.dtype, t.device, cfg.trust_remote_code)
-    data = prepare_sft_data(cfg.data, tokenizer, t.seed)
+    data = prepare_sft_data(cfg.data, tokenizer, t.seed, model=model)
     model.config.use_cache = False
     model = apply_method(model, cfg.method)
     st = data.train_stats
