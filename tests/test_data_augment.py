@@ -86,6 +86,7 @@ def test_accept_paraphrase():
     )
     assert accept_paraphrase(orig, "Convert date\n\nto ISO", "x")[1] == "adds lines"
     assert accept_paraphrase(orig, "", "x")[1] == "empty"
+    assert accept_paraphrase(orig, "YYYY-MM-DD.", "x")[1] == "too short"
 
 
 def test_paraphrase_path_with_a_model():

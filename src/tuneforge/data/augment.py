@@ -5,9 +5,9 @@ turns, a preference prompt), never an expected output and never an instruction r
 ``input`` (it holds the values the answer depends on):
 
 - ``paraphrase``: the instruction / user turn rewritten by a model (default: the base model, with
-  its own chat template, through ``eval.generate``). A rewrite that is empty, unchanged, far longer
-  than the original, or that contains the expected output is rejected, and a noise variant takes
-  its place (counted in the report).
+  its own chat template, through ``eval.generate``). A rewrite that is empty, unchanged, much shorter
+  or longer than the original, adds lines, shares too few of its words, or contains the expected
+  output is rejected (``accept_paraphrase``), and a noise variant takes its place (counted).
 - ``noise``: light rule-based noise: word dropout and swaps of neighbouring words, seeded per
   record. Words with digits are never dropped (they usually carry the values of the task).
 
@@ -191,8 +191,11 @@ def accept_paraphrase(original: str, candidate: str, expected: str) -> tuple[boo
     answer = normalize_for_match(expected)
     if len(answer) >= 4 and answer in cand:
         return False, "contains the expected output"
-    words = set(_WORD.findall(normalize_for_match(original)))
-    if words and len(words & set(_WORD.findall(cand))) < 0.3 * len(words):
+    words = _WORD.findall(normalize_for_match(original))
+    cand_words = _WORD.findall(cand)
+    if len(cand_words) < 0.5 * len(words):
+        return False, "too short"
+    if words and len(set(words) & set(cand_words)) < 0.3 * len(set(words)):
         return False, "drifted from the original"
     return True, ""
 
