@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true")
     m.set_defaults(func=cmd_merge)
 
+    from tuneforge.cli_data import add_data_parser
+
+    add_data_parser(sub)
+
     r = sub.add_parser(
         "config-reference", help="print every config key with its default and meaning"
     )

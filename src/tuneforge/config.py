@@ -65,6 +65,36 @@ class DataConfig:
     group_by_length: bool = _f(
         False, "Without packing: batch samples of similar length together (less padding)."
     )
+    clean: bool = _f(
+        False,
+        "Normalise unicode and whitespace, strip control characters, drop records with empty "
+        "outputs or that train would refuse (as `tuneforge data clean`); drops are reported.",
+    )
+    dedup: bool = _f(
+        False, "Drop exact and near-duplicate training records (as `tuneforge data dedup`)."
+    )
+    dedup_threshold: float = _f(
+        0.85,
+        "Jaccard similarity of word 2-gram shingles from which two records are near duplicates "
+        "(data.dedup and the eval contamination warning).",
+    )
+    mix: list[dict] = _f(
+        [],
+        "Other datasets mixed into train by share of the final set, e.g. "
+        "[{path: general.jsonl, ratio: 0.2}]; data.train keeps every record (seeded sampling).",
+    )
+    augment: int = _f(
+        0,
+        "Grow the training set K-fold with augmented variants of each record (0: off); eval "
+        "data is never augmented.",
+    )
+    augment_mode: str = _f(
+        "both",
+        "both | paraphrase | noise: rewrites of the instruction by the base model, and/or word "
+        "dropout and swaps; expected outputs are never changed.",
+        choices=("both", "paraphrase", "noise"),
+    )
+    augment_noise: float = _f(0.1, "Word dropout and swap probability of noise variants.")
 
 
 @dataclass
@@ -371,6 +401,19 @@ def validate(cfg: Config, source: str = "config") -> None:
         bad("data.max_length", f"must be at least 8 tokens, got {d.max_length}")
     if not 0 <= d.eval_split < 1:
         bad("data.eval_split", f"must be in [0, 1), got {d.eval_split}")
+    if not 0 < d.dedup_threshold <= 1:
+        bad("data.dedup_threshold", f"must be in (0, 1], got {d.dedup_threshold}")
+    if d.augment < 0 or d.augment == 1:
+        bad("data.augment", f"must be 0 (off) or a factor of at least 2, got {d.augment}")
+    if not 0 < d.augment_noise < 1:
+        bad("data.augment_noise", f"must be in (0, 1), got {d.augment_noise}")
+    if d.mix:
+        from tuneforge.data.mix import parse_mix_config
+
+        try:
+            d.mix = parse_mix_config(d.mix)
+        except TuneforgeError as e:
+            raise TuneforgeError(f"{source}: {e}") from None
     if m.name == "lora":
         if m.r < 1:
             bad("method.r", f"must be at least 1, got {m.r}")

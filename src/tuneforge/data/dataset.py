@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tuneforge.config import DataConfig
-from tuneforge.data.batching import epoch_order
 from tuneforge.data.io import read_records
 from tuneforge.data.records import Messages, to_messages
 from tuneforge.data.render import RenderStats, Sample, ensure_chat_template, render_dataset
@@ -28,26 +27,21 @@ def load_conversations(
     return [to_messages(r, fmt, system_prompt) for r in records], [r.source for r in records]
 
 
-def prepare_sft_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
+def prepare_sft_data(cfg: DataConfig, tokenizer, seed: int, model=None) -> PreparedData:
     """Read, validate and render train (and eval) data for supervised fine-tuning.
+
+    The configured data steps (clean, dedup, eval split, augment, mix) run first; see
+    ``data.pipeline``. ``model`` is needed only for ``data.augment`` paraphrases.
 
     Raises:
         TuneforgeError: bad records, or no sample left with supervised tokens.
     """
+    from tuneforge.data.pipeline import prepare_conversations
+
     ensure_chat_template(tokenizer)
-    convs, sources = load_conversations(cfg.train, cfg.format, cfg.system_prompt)
-    if cfg.eval:
-        eval_convs, eval_sources = load_conversations(cfg.eval, cfg.format, cfg.system_prompt)
-    elif cfg.eval_split > 0:
-        order = epoch_order(len(convs), seed, -1)
-        n_eval = max(1, round(len(convs) * cfg.eval_split))
-        held = set(order[:n_eval])
-        eval_convs = [c for i, c in enumerate(convs) if i in held]
-        eval_sources = [s for i, s in enumerate(sources) if i in held]
-        convs = [c for i, c in enumerate(convs) if i not in held]
-        sources = [s for i, s in enumerate(sources) if i not in held]
-    else:
-        eval_convs, eval_sources = [], []
+    conv = prepare_conversations(cfg, seed, model=model, tokenizer=tokenizer)
+    convs, sources = conv.train, conv.train_sources
+    eval_convs, eval_sources = conv.eval, conv.eval_sources
     train, train_stats = render_dataset(tokenizer, convs, sources, cfg.max_length)
     if not train:
         raise TuneforgeError(

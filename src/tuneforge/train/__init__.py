@@ -69,7 +69,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         model, tokenizer, resolved = load_model(
             cfg.model, t.dtype, str(device), cfg.trust_remote_code, t.attn_implementation
         )
-        data = prepare_sft_data(cfg.data, tokenizer, t.seed)
+        data = prepare_sft_data(cfg.data, tokenizer, t.seed, model=model)
         model.config.use_cache = False
         model = apply_method(model, cfg.method)
         prepare_for_speed(model, t)

@@ -1,0 +1,200 @@
+"""The data steps ``train`` applies before rendering, as the config asks.
+
+Order: read ``data.train`` -> ``data.clean`` -> ``data.dedup`` -> hold out eval (``data.eval`` or
+``data.eval_split``; augmented records never go to eval) -> check every record -> warn if eval
+prompts appear in train -> ``data.augment`` (train only) -> ``data.mix`` (other sources, each
+cleaned and deduplicated the same way, added to train only). Every step that drops or adds
+records says so in one line on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tuneforge.config import DataConfig
+from tuneforge.data.augment import AugmentOptions, AugmentReport, augment_records, is_augmented
+from tuneforge.data.fields import prompt_text
+from tuneforge.data.io import Record, read_records
+from tuneforge.data.mix import mix_records
+from tuneforge.data.quality import (
+    CleanOptions,
+    CleanReport,
+    DedupReport,
+    clean_records,
+    dedup_records,
+    find_contamination,
+)
+from tuneforge.data.records import Messages, to_messages
+from tuneforge.data.split import split_records
+from tuneforge.errors import TuneforgeError
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Conversations:
+    train: list[Messages] = field(default_factory=list)
+    train_sources: list[str] = field(default_factory=list)
+    eval: list[Messages] = field(default_factory=list)
+    eval_sources: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what each step did (also logged)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _load(path: str, cfg: DataConfig, dedup: bool, log: Callable[[str], None]) -> list[Record]:
+    records = read_records(path)
+    if cfg.clean:
+        rep = CleanReport()
+        records = list(clean_records(records, CleanOptions(), rep))
+        if rep.dropped or rep.changed:
+            first = f"; e.g. {rep.drops[0][0]}: {rep.drops[0][2]}" if rep.drops else ""
+            reasons = ", ".join(f"{n} {r}" for r, n in rep.dropped.most_common())
+            log(
+                f"data.clean: {path}: kept {rep.kept} of {rep.records} records "
+                f"({rep.changed} normalised)" + (f", dropped {reasons}{first}" if reasons else "")
+            )
+        if not records:
+            raise TuneforgeError(
+                f"{path}: data.clean dropped every record; see `tuneforge data clean`"
+            )
+    if dedup:
+        rep = DedupReport()
+        records = list(dedup_records(records, rep, cfg.dedup_threshold))
+        if rep.duplicates:
+            d = rep.duplicates[0]
+            log(
+                f"data.dedup: {path}: dropped {rep.exact} exact and {rep.near} near duplicates "
+                f"of {rep.records} records; e.g. {d.source} repeats {d.kept}"
+            )
+    return records
+
+
+def contamination_warning(
+    train: list[Messages],
+    train_sources: list[str],
+    evals: list[Messages],
+    eval_sources: list[str],
+    threshold: float,
+    hint: str,
+) -> str | None:
+    """One line if eval prompts also appear in the training data, else None."""
+    if not evals:
+        return None
+    n_eval, found = find_contamination(
+        (
+            (s, prompt_text({"messages": m}, "chat"))
+            for m, s in zip(train, train_sources, strict=True)
+        ),
+        (
+            (s, prompt_text({"messages": m}, "chat"))
+            for m, s in zip(evals, eval_sources, strict=True)
+        ),
+        threshold,
+    )
+    if not found:
+        return None
+    exact = sum(c.kind == "exact" for c in found)
+    e = found[0]
+    sign = "=" if e.kind == "exact" else "~"
+    return (
+        f"warning: {len(found)} of {n_eval} eval records also appear in the training data "
+        f"({exact} exact, {len(found) - exact} near duplicates), e.g. {e.eval_source} {sign} "
+        f"{e.train_source}; the eval loss will look better than it is ({hint})"
+    )
+
+
+def prepare_conversations(
+    cfg: DataConfig,
+    seed: int,
+    model=None,
+    tokenizer=None,
+    log: Callable[[str], None] = _stderr,
+) -> Conversations:
+    """Train and eval conversations after the configured data steps.
+
+    Args:
+        cfg: the data section of the config.
+        seed: the training seed (eval split, augmentation and mixing depend on it).
+        model, tokenizer: the base model, for ``data.augment`` paraphrases.
+        log: where the one-line notes go (stderr).
+
+    Raises:
+        TuneforgeError: a bad record (file:line: field), or a step that left nothing.
+    """
+    out = Conversations()
+
+    def note(msg: str) -> None:
+        out.notes.append(msg)
+        log(msg)
+
+    train = _load(cfg.train, cfg, cfg.dedup, note)
+    if cfg.eval:
+        evals = _load(cfg.eval, cfg, False, note)
+        kept = [r for r in evals if not is_augmented(r.data)]
+        if len(kept) < len(evals):
+            note(f"data.eval: left out {_plural(len(evals) - len(kept), 'augmented record')}")
+        evals = kept
+        hint = f"see `tuneforge data contamination {cfg.train} {cfg.eval}`"
+    elif cfg.eval_split > 0:
+        train, evals, dropped = split_records(train, cfg.eval_split, seed)
+        if dropped:
+            note(
+                f"data.eval_split: dropped {_plural(dropped, 'augmented record')} whose "
+                "original is held out for eval"
+            )
+        hint = f"remove duplicates with `tuneforge data dedup {cfg.train}`"
+    else:
+        evals, hint = [], ""
+
+    out.train = [to_messages(r, cfg.format, cfg.system_prompt) for r in train]
+    out.train_sources = [r.source for r in train]
+    out.eval = [to_messages(r, cfg.format, cfg.system_prompt) for r in evals]
+    out.eval_sources = [r.source for r in evals]
+    warning = contamination_warning(
+        out.train, out.train_sources, out.eval, out.eval_sources, cfg.dedup_threshold, hint
+    )
+    if warning:
+        note(warning)
+
+    if cfg.augment >= 2:
+        paraphraser = None
+        if cfg.augment_mode != "noise":
+            if model is None or tokenizer is None:
+                raise TuneforgeError("data.augment with paraphrases needs the model (pass model=)")
+            from tuneforge.data.augment import Paraphraser
+
+            paraphraser = Paraphraser(model, tokenizer, seed=seed)
+        opts = AugmentOptions(cfg.augment, cfg.augment_mode, cfg.augment_noise, seed)
+        rep = AugmentReport()
+        originals = {id(r.data) for r in train}
+        variants = [
+            Record(d, f"{d['augmented_from']} ({d['augmentation']})")
+            for d in augment_records(train, opts, paraphraser, rep)
+            if id(d) not in originals
+        ]
+        out.train += [to_messages(r, cfg.format, cfg.system_prompt) for r in variants]
+        out.train_sources += [r.source for r in variants]
+        kinds = ", ".join(f"{n} {k}" for k, n in rep.variants.most_common()) or "none"
+        rejected = sum(rep.rejected.values())
+        note(
+            f"data.augment: added {len(variants)} variants of {rep.records} records ({kinds})"
+            + (f"; {rejected} paraphrases rejected and replaced by noise" if rejected else "")
+        )
+
+    if cfg.mix:
+        others = [(e["path"], _load(e["path"], cfg, cfg.dedup, note), e["ratio"]) for e in cfg.mix]
+        base = [Record({}, s) for s in out.train_sources]  # stand-ins: mix_records keeps them all
+        mixed, notes = mix_records(base, others, seed)
+        extra = mixed[len(base) :]
+        out.train += [to_messages(r, cfg.format, cfg.system_prompt) for r in extra]
+        out.train_sources += [r.source for r in extra]
+        shares = ", ".join(f"{n['used']} from {n['path']} ({n['ratio']:.0%})" for n in notes)
+        note(f"data.mix: {len(out.train)} training records: {len(base)} from {cfg.train}, {shares}")
+    return out

@@ -1,0 +1,409 @@
+"""Data quality: cleaning, exact and near-duplicate removal, train/eval contamination.
+
+Exact duplicates share the hash of their normalised text (NFKC, case-folded, whitespace
+collapsed). Near duplicates are found with MinHash LSH from the ``datasketch`` library over word
+n-gram shingles: LSH proposes candidates, and a candidate counts only if the MinHash estimate of
+the Jaccard similarity of the two shingle sets reaches the threshold (default 0.85). Records are
+streamed; the first of a cluster is kept. The index grows with the number of distinct records
+(a few KB each), not with their size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tuneforge.data.fields import map_texts, record_text, response_texts
+from tuneforge.data.io import Record
+from tuneforge.data.records import detect_format
+from tuneforge.data.stream import atomic_output, dumps, read_stream
+from tuneforge.data.validate import check_record
+from tuneforge.errors import TuneforgeError
+
+DEFAULT_THRESHOLD = 0.85
+DEFAULT_NGRAM = 2
+NUM_PERM = 128
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation and cleaning
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # keeps \t and \n
+_INVISIBLE = re.compile("[\u200b\u2060\ufeff\u00ad]")  # zero-width space, word joiner, BOM, SHY
+_ODD_SPACE = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_TRAILING = re.compile(r"[ \t]+\n")
+_BLANK_RUNS = re.compile(r"\n{3,}")
+_WS = re.compile(r"\s+")
+_WORD = re.compile(r"\w+")
+
+
+def clean_text(text: str) -> str:
+    """Unicode NFC, newlines as ``\\n``, control and invisible characters removed, odd spaces as
+    plain spaces, no trailing spaces on a line, at most one blank line in a row, trimmed."""
+    text = unicodedata.normalize("NFC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = _INVISIBLE.sub("", text)
+    text = _ODD_SPACE.sub(" ", text)
+    text = _TRAILING.sub("\n", text)
+    text = _BLANK_RUNS.sub("\n\n", text)
+    return text.strip()
+
+
+def normalize_for_match(text: str) -> str:
+    """The form two texts are compared in: NFKC, case-folded, whitespace collapsed."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def exact_key(text: str, normalized: bool = False) -> int:
+    """64-bit hash of the normalised text (``normalized``: ``text`` already is)."""
+    norm = text if normalized else normalize_for_match(text)
+    return int.from_bytes(hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def shingles(text: str, ngram: int = DEFAULT_NGRAM, normalized: bool = False) -> set[bytes]:
+    """Word n-grams of the normalised text (the whole word sequence if it is shorter)."""
+    norm = text if normalized else normalize_for_match(text)
+    words = _WORD.findall(norm)
+    if not words:
+        return {norm.encode("utf-8")}
+    if len(words) <= ngram:
+        return {" ".join(words).encode("utf-8")}
+    grams = zip(*(words[k:] for k in range(ngram)), strict=False)
+    return {" ".join(g).encode("utf-8") for g in grams}
+
+
+def jaccard(a: set, b: set) -> float:
+    """Exact Jaccard similarity of two sets."""
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+@dataclass
+class CleanOptions:
+    min_output_chars: int = 1  # outputs shorter than this (after cleaning) are dropped
+    max_chars: int = 0  # records longer than this in characters are dropped (0: no limit)
+    max_tokens: int = 0  # ... in tokens, with ``count_tokens`` (0: no limit)
+    count_tokens: Callable[[dict, str], int] | None = None
+
+
+@dataclass
+class CleanReport:
+    records: int = 0
+    kept: int = 0
+    changed: int = 0  # kept records whose text cleaning changed
+    dropped: Counter = field(default_factory=Counter)  # reason -> count
+    drops: list[tuple[str, str, str]] = field(default_factory=list)  # (source, reason, detail)
+
+
+def clean_record(data: dict, fmt: str | None, opts: CleanOptions) -> tuple[dict | None, str, str]:
+    """The cleaned record, or None with the reason and a detail saying why it was dropped.
+
+    Reasons: ``unusable`` (train would refuse it), ``empty-output``, ``short-output``,
+    ``too-long``.
+    """
+    if fmt is None:
+        return None, "unusable", check_record(data, fmt)[0][2]
+    warnings = ("identical-replies", "empty-user-turn")
+    before = [p for p in check_record(data, fmt) if p[1] not in (*warnings, "empty")]
+    if before:
+        return None, "unusable", _detail(before[0])
+    cleaned = map_texts(data, fmt, clean_text)
+    for f, text in response_texts(cleaned, fmt):
+        if not text:
+            return None, "empty-output", f"{f} is empty after cleaning"
+        if len(text) < opts.min_output_chars:
+            return (
+                None,
+                "short-output",
+                f"{f} has {len(text)} characters (< {opts.min_output_chars})",
+            )
+    after = [p for p in check_record(cleaned, fmt) if p[1] not in warnings]
+    if after:
+        return None, "unusable", _detail(after[0])
+    if opts.max_chars:
+        n = len(record_text(cleaned, fmt))
+        if n > opts.max_chars:
+            return None, "too-long", f"{n} characters (> {opts.max_chars})"
+    if opts.max_tokens and opts.count_tokens is not None:
+        n = opts.count_tokens(cleaned, fmt)
+        if n > opts.max_tokens:
+            return None, "too-long", f"{n} tokens (> {opts.max_tokens})"
+    return cleaned, "", ""
+
+
+def _detail(problem: tuple[str, str, str]) -> str:
+    f, _, message = problem
+    return f"{f}: {message}" if f else message
+
+
+def clean_records(
+    records: Iterable[Record], opts: CleanOptions, report: CleanReport
+) -> Iterator[Record]:
+    """Cleaned records in order; drops are counted (and listed) in ``report``."""
+    for rec in records:
+        report.records += 1
+        fmt = detect_format(rec.data)
+        cleaned, reason, detail = clean_record(rec.data, fmt, opts)
+        if cleaned is None:
+            report.dropped[reason] += 1
+            report.drops.append((rec.source, reason, detail))
+            continue
+        report.kept += 1
+        report.changed += cleaned != rec.data
+        yield Record(cleaned, rec.source)
+
+
+def clean_file(path: str | Path, out: str | Path, opts: CleanOptions) -> CleanReport:
+    """Stream ``path`` through ``clean_records`` into ``out`` (written only on success).
+
+    Raises:
+        TuneforgeError: an unreadable line, mixed formats, an empty file, or nothing left.
+    """
+    report = CleanReport()
+    with atomic_output(out, inputs=(path,)) as f:
+        for rec in clean_records(read_stream(path), opts, report):
+            f.write(dumps(rec.data))
+        if report.kept == 0:
+            raise TuneforgeError(f"{path}: every record was dropped ({_reasons(report.dropped)})")
+    return report
+
+
+def _reasons(counts: Counter) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
+
+
+# ---------------------------------------------------------------------------------------------
+# Near duplicates: MinHash LSH (datasketch)
+
+
+def _band_key(band: bytes) -> bytes:
+    # LSH bucket keys compressed to 8 bytes (less memory per indexed record).
+    return hashlib.blake2b(band, digest_size=8).digest()
+
+
+class NearDuplicateIndex:
+    """Records' MinHash signatures in a ``datasketch.MinHashLSH``; ``matches`` returns the indexed
+    records whose estimated Jaccard similarity reaches the threshold."""
+
+    def __init__(
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        ngram: int = DEFAULT_NGRAM,
+        num_perm: int = NUM_PERM,
+    ):
+        from datasketch import MinHash, MinHashLSH
+
+        if not 0 < threshold <= 1:
+            raise TuneforgeError(f"the similarity threshold must be in (0, 1], got {threshold}")
+        if ngram < 1:
+            raise TuneforgeError(f"the shingle size must be at least 1 word, got {ngram}")
+        self.threshold, self.ngram = threshold, ngram
+        # Weights favour recall over precision: LSH candidates are verified against the
+        # signatures below, so a false candidate costs a comparison while a missed one is a
+        # duplicate kept. At 0.85 this gives 11 bands of 11 rows: a pair with Jaccard 0.9 is a
+        # candidate with probability 0.98, one with 0.5 with probability 0.005.
+        self.lsh = MinHashLSH(
+            threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9), hashfunc=_band_key
+        )
+        # crc32 as the shingle hash: a C call, several times faster than datasketch's default
+        # sha1 from Python; the affine32 scheme mixes it (murmur3 finalizer) before permuting.
+        self._empty = MinHash(num_perm=num_perm, seed=1, hashfunc=zlib.crc32)
+        self._signatures = np.empty((1024, num_perm), dtype=self._empty.hashvalues.dtype)
+        self.size = 0
+
+    def signature(self, text: str, normalized: bool = False):
+        """The MinHash of ``text``'s shingles."""
+        m = self._empty.copy()
+        m.update_batch(shingles(text, self.ngram, normalized))
+        return m
+
+    def matches(self, signature) -> list[tuple[int, float]]:
+        """(key, estimated Jaccard) of indexed records at or above the threshold, best first."""
+        candidates = self.lsh.query(signature)
+        if not candidates:
+            return []
+        keys = np.array(candidates)
+        sims = (self._signatures[keys] == signature.hashvalues).mean(axis=1)
+        found = [(int(k), float(s)) for k, s in zip(keys, sims, strict=True) if s >= self.threshold]
+        return sorted(found, key=lambda x: (-x[1], x[0]))
+
+    def add(self, signature) -> int:
+        """Index a signature; returns its key (0, 1, 2, ... in order of addition)."""
+        key = self.size
+        if key == len(self._signatures):
+            self._signatures = np.concatenate([self._signatures, np.empty_like(self._signatures)])
+        self._signatures[key] = signature.hashvalues
+        self.lsh.insert(key, signature, check_duplication=False)
+        self.size += 1
+        return key
+
+
+@dataclass
+class Duplicate:
+    source: str  # the record removed
+    kept: str  # the first record of its cluster (kept)
+    kind: str  # exact | near
+    similarity: float
+
+
+@dataclass
+class DedupReport:
+    records: int = 0
+    kept: int = 0
+    exact: int = 0
+    near: int = 0
+    duplicates: list[Duplicate] = field(default_factory=list)
+
+    def clusters(self) -> dict[str, list[Duplicate]]:
+        """Kept record -> the duplicates removed in its favour."""
+        out: dict[str, list[Duplicate]] = {}
+        for d in self.duplicates:
+            out.setdefault(d.kept, []).append(d)
+        return out
+
+
+class Deduper:
+    """Decides, record by record, whether a text repeats one seen before (first one wins)."""
+
+    def __init__(
+        self, threshold: float = DEFAULT_THRESHOLD, ngram: int = DEFAULT_NGRAM, near: bool = True
+    ):
+        self._exact: dict[int, int] = {}  # exact key -> kept index
+        self._kept: list[str] = []  # kept index -> source
+        self._near_key: list[int] = []  # near-index key -> kept index
+        self.index = NearDuplicateIndex(threshold, ngram) if near else None
+
+    def check(self, text: str, source: str) -> Duplicate | None:
+        """None if ``text`` is new (it is remembered), else what it duplicates."""
+        norm = normalize_for_match(text)
+        key = exact_key(norm, normalized=True)
+        if key in self._exact:
+            return Duplicate(source, self._kept[self._exact[key]], "exact", 1.0)
+        signature = None
+        if self.index is not None:
+            signature = self.index.signature(norm, normalized=True)
+            found = self.index.matches(signature)
+            if found:
+                near_key, sim = found[0]
+                return Duplicate(source, self._kept[self._near_key[near_key]], "near", sim)
+        kept = len(self._kept)
+        self._kept.append(source)
+        self._exact[key] = kept
+        if signature is not None:
+            self.index.add(signature)
+            self._near_key.append(kept)
+        return None
+
+
+def dedup_records(
+    records: Iterable[Record],
+    report: DedupReport,
+    threshold: float = DEFAULT_THRESHOLD,
+    ngram: int = DEFAULT_NGRAM,
+    near: bool = True,
+) -> Iterator[Record]:
+    """Records that repeat no earlier one (exactly, or nearly when ``near``), in order."""
+    deduper = Deduper(threshold, ngram, near)
+    for rec in records:
+        report.records += 1
+        dup = deduper.check(record_text(rec.data, detect_format(rec.data)), rec.source)
+        if dup is None:
+            report.kept += 1
+            yield rec
+            continue
+        report.duplicates.append(dup)
+        if dup.kind == "exact":
+            report.exact += 1
+        else:
+            report.near += 1
+
+
+def dedup_file(
+    path: str | Path,
+    out: str | Path,
+    threshold: float = DEFAULT_THRESHOLD,
+    ngram: int = DEFAULT_NGRAM,
+    near: bool = True,
+) -> DedupReport:
+    """Stream ``path`` through ``dedup_records`` into ``out`` (written only on success)."""
+    report = DedupReport()
+    with atomic_output(out, inputs=(path,)) as f:
+        for rec in dedup_records(read_stream(path), report, threshold, ngram, near):
+            f.write(dumps(rec.data))
+    return report
+
+
+def near_duplicate_pairs_bruteforce(
+    texts: list[str], threshold: float = DEFAULT_THRESHOLD, ngram: int = DEFAULT_NGRAM
+) -> set[tuple[int, int]]:
+    """All pairs (i < j) whose exact shingle Jaccard reaches ``threshold``: the O(n²) reference
+    the LSH path is tested against."""
+    sets = [shingles(t, ngram) for t in texts]
+    return {
+        (i, j)
+        for i in range(len(sets))
+        for j in range(i + 1, len(sets))
+        if jaccard(sets[i], sets[j]) >= threshold
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Contamination: eval prompts found in the training data
+
+
+@dataclass
+class Contaminated:
+    eval_source: str
+    train_source: str
+    kind: str  # exact | near
+    similarity: float
+
+
+def find_contamination(
+    train: Iterable[tuple[str, str]],
+    evals: Iterable[tuple[str, str]],
+    threshold: float = DEFAULT_THRESHOLD,
+    ngram: int = DEFAULT_NGRAM,
+    near: bool = True,
+) -> tuple[int, list[Contaminated]]:
+    """Eval prompts that also appear in the training data, exactly or nearly.
+
+    The eval side (usually the small one) is indexed; the training side is streamed past it.
+
+    Args:
+        train: (source, prompt text) of each training record.
+        evals: (source, prompt text) of each eval record.
+
+    Returns:
+        (number of eval records, the contaminated ones in eval order).
+    """
+    sources: list[str] = []
+    exact: dict[int, list[int]] = {}
+    index = NearDuplicateIndex(threshold, ngram) if near else None
+    for source, text in evals:
+        i = len(sources)
+        sources.append(source)
+        if not text.strip():
+            continue  # nothing to compare (a record without a prompt)
+        exact.setdefault(exact_key(text), []).append(i)
+        if index is not None:
+            index.add(index.signature(text))
+    found: dict[int, Contaminated] = {}
+    for source, text in train:
+        if not text.strip():
+            continue
+        for i in exact.get(exact_key(text), ()):
+            if i not in found or found[i].kind == "near":
+                found[i] = Contaminated(sources[i], source, "exact", 1.0)
+        if index is not None and len(found) < len(sources):
+            for i, sim in index.matches(index.signature(text)):
+                if i not in found:
+                    found[i] = Contaminated(sources[i], source, "near", sim)
+    return len(sources), [found[i] for i in sorted(found)]
