@@ -76,10 +76,18 @@ class LoopResult:
     eval_history: list[tuple[int, float]] = field(default_factory=list)
     seconds: float = 0.0
     supervised_tokens: int = 0
+    best_eval_metrics: dict = field(default_factory=dict)
+
+
+def split_metrics(result) -> tuple[torch.Tensor, dict]:
+    """An objective's ``loss_sum`` returns a loss tensor, or ``(loss, metric_sums)``: sums over the
+    batch that the loop divides by the same units as the loss and logs (e.g. DPO accuracy)."""
+    return result if isinstance(result, tuple) else (result, {})
 
 
 class Trainer:
-    """Runs an objective over samples. ``objective`` has ``units(batch)`` and ``loss_sum(model, batch)``."""
+    """Runs an objective over samples. ``objective`` has ``units(batch)`` and ``loss_sum(model, batch)``
+    (see ``split_metrics`` for metrics an objective reports)."""
 
     def __init__(
         self,
@@ -105,6 +113,8 @@ class Trainer:
         self.pad_id = pad_id
         self.device = device
         self.collate = collate or (lambda samples: collate_padded(samples, pad_id))
+        self.collate_is_default = collate is None
+        self.last_eval_metrics: dict[str, float] = {}
         self.packing = packing
         self.group_by_length = group_by_length
         self.max_length = max_length
@@ -164,12 +174,18 @@ class Trainer:
         batches = [self.make_batch(spec) for spec in self.window(step)]
         units = sum(self.objective.units(b) for b in batches)
         total = 0.0
+        metric_sums: dict[str, float] = {}
         for b in batches:
             with self.autocast():
-                loss_sum = self.objective.loss_sum(self.model, self._to_device(b))
+                loss_sum, metrics = split_metrics(
+                    self.objective.loss_sum(self.model, self._to_device(b))
+                )
             (loss_sum / max(units, 1)).backward()
             total += float(loss_sum.detach())
-        return {"loss": total / max(units, 1), "tokens": units}
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+        metrics = {k: v / max(units, 1) for k, v in metric_sums.items()}
+        return {"loss": total / max(units, 1), "tokens": units, "metrics": metrics}
 
     def train_step(self, step: int) -> dict:
         out = self.accumulate_gradients(step)
@@ -183,20 +199,44 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": out["loss"], "grad_norm": grad_norm, "lr": lr, "tokens": out["tokens"]}
+        return {
+            "loss": out["loss"],
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": out["tokens"],
+            **out["metrics"],
+        }
 
     @torch.no_grad()
     def evaluate(self) -> float:
         was_training = self.model.training
         self.model.eval()
         total, units = 0.0, 0
-        for b in iterate_eval(self.eval_samples, self.cfg.batch_size, self.pad_id):
+        metric_sums: dict[str, float] = {}
+        for b in self._eval_batches():
             with self.autocast():
-                total += float(self.objective.loss_sum(self.model, self._to_device(b)))
+                loss_sum, metrics = split_metrics(
+                    self.objective.loss_sum(self.model, self._to_device(b))
+                )
+            total += float(loss_sum)
             units += self.objective.units(b)
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
         if was_training:
             self.model.train()
+        self.last_eval_metrics = {k: v / max(units, 1) for k, v in metric_sums.items()}
         return total / max(units, 1)
+
+    def _eval_batches(self):
+        if self.collate_is_default:
+            return iterate_eval(self.eval_samples, self.cfg.batch_size, self.pad_id)
+        # Same order as iterate_eval (by length), through the objective's own collate.
+        order = sorted(range(len(self.eval_samples)), key=lambda i: len(self.eval_samples[i]))
+        bs = self.cfg.batch_size
+        return (
+            self.collate([self.eval_samples[j] for j in order[i : i + bs]])
+            for i in range(0, len(order), bs)
+        )
 
     def _eval_due(self, step: int) -> bool:
         if not self.eval_samples:
@@ -279,6 +319,7 @@ class Trainer:
                     best = state["best_eval_loss"]
                     if best is None or eval_loss < best:
                         state.update(best_eval_loss=eval_loss, best_step=step + 1, bad_evals=0)
+                        state["best_eval_metrics"] = self.last_eval_metrics
                         best_state = trainable_state(self.model)
                     else:
                         state["bad_evals"] += 1
@@ -287,6 +328,10 @@ class Trainer:
                             {
                                 "step": step + 1,
                                 "eval_loss": round(eval_loss, 6),
+                                **{
+                                    f"eval_{k}": round(v, 6)
+                                    for k, v in self.last_eval_metrics.items()
+                                },
                                 "best_step": state["best_step"],
                             }
                         )
@@ -331,6 +376,7 @@ class Trainer:
             eval_history=[tuple(x) for x in state["eval_history"]],
             seconds=time.perf_counter() - start,
             supervised_tokens=state["supervised_tokens"],
+            best_eval_metrics=state.get("best_eval_metrics", {}),
         )
 
 
