@@ -4,8 +4,9 @@ one short line in the form ``Answer: <answer>`` and whose rejected answer is cha
 The preferred property is checkable by a program (``reward.has_property``), so alignment is
 measured without humans. Files (deterministic: ``python examples/prefs/make_data.py``):
 
-* ``sft.jsonl``      instruction records for the SFT stage: the task, with only 30% of answers in
-                     the preferred format (SFT teaches the task, preferences teach the format);
+* ``sft.jsonl``      instruction records for the SFT stage: the task, with 36 of 120 answers (30%)
+                     in the preferred format and the rest as "Sure! <sentence> <closer>" (SFT
+                     teaches the task, preferences teach the format);
 * ``train.jsonl``    preference pairs ``{prompt, chosen, rejected}`` (reward model, DPO; PPO
                      prompts);
 * ``eval.jsonl``     held-out preference pairs (pairwise accuracy, eval loss);
@@ -111,6 +112,11 @@ def preferred(answer: str) -> str:
     return f"Answer: {answer}"
 
 
+def sft_style(sentence: str, rng: random.Random) -> str:
+    """The SFT data's usual (not preferred) style: one opener, then a chatty sentence."""
+    return f"Sure! {sentence}{rng.choice(CLOSERS)}"
+
+
 def chatty(sentence: str, rng: random.Random) -> str:
     """A correct but chatty answer; sometimes with the prefix kept, so the format is the point."""
     if rng.random() < 0.15:
@@ -127,7 +133,7 @@ def main() -> None:
         "sft": [
             {
                 "instruction": question,
-                "output": preferred(a) if rng.random() < 0.3 else chatty(s, rng),
+                "output": preferred(a) if rng.random() < 0.25 else sft_style(s, rng),
             }
             for question, a, s in sft
         ],
