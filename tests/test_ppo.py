@@ -55,7 +55,9 @@ def test_logged_kl_is_the_kl_in_the_reward_and_the_kl_to_the_adapter_disabled_mo
     assert abs(logged) > 1e-3
     assert logged == pytest.approx(float(per_response.mean()), rel=1e-4, abs=1e-6)
     # The reward is exactly score - kl_coef * (that KL): nothing else is hidden in it.
-    torch.testing.assert_close(r.rewards.sum(-1), r.scores - 0.3 * per_response, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        r.rewards.sum(-1), r.scores - 0.3 * per_response, rtol=1e-4, atol=1e-5
+    )
     last = r.mask.long().cumsum(-1).argmax(-1)
     rows = torch.arange(4)
     torch.testing.assert_close(r.rewards[rows, last], r.scores - 0.3 * r.kl[rows, last])
@@ -118,3 +120,24 @@ def test_ppo_run_logs_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
     assert keys <= clean[0].keys()
     assert clean[0]["kl"] == 0.0  # the adapter starts at zero: policy == reference
     assert any(x["kl"] != 0.0 for x in clean[1:])  # and moves away once trained
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ([], "set exactly one for objective ppo"),
+        (["training.reward_function=f.py:g", "training.reward_model=runs/rm"], "set exactly one"),
+        (["training.reward_function=nocolon"], "must look like module:function"),
+        (
+            ["training.reward_function=f.py:g", "training.rollout_batch_size=6"],
+            "must be a multiple",
+        ),
+        (["training.reward_function=f.py:g", "data.packing=true"], "applies to objective sft only"),
+    ],
+)
+def test_ppo_config_errors_name_the_key(overrides, message):
+    from tuneforge.config import load_config
+
+    base = ["model=tiny-llama", "output_dir=o", "data.train=t.jsonl", "training.objective=ppo"]
+    with pytest.raises(TuneforgeError, match=message):
+        load_config(None, base + ["training.batch_size=4"] + overrides)

@@ -77,7 +77,9 @@ def test_train_report_accuracy_save_and_score_from_the_cli(tmp_path, capsys):
     prompt = [{"role": "user", "content": "What is 2 plus 2?"}]
     expected = score(model, tok, [prompt], ["Answer: 4"])[0]
     capsys.readouterr()
-    assert main(["reward", str(run), "--prompt", "What is 2 plus 2?", "--response", "Answer: 4"]) == 0
+    assert (
+        main(["reward", str(run), "--prompt", "What is 2 plus 2?", "--response", "Answer: 4"]) == 0
+    )
     assert capsys.readouterr().out.strip() == f"{expected:.4f}"
     # a run without a reward head gets one line and exit 2
     (run / "reward_head.safetensors").unlink()

@@ -421,13 +421,24 @@ class PPOTrainer:
         )
         return float(self.reward(self.eval_prompts, responses).mean())
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """PPO steps per pass over the prompts."""
+        return max(1, len(self.prompts) // self.cfg.rollout_batch_size)
+
     def _eval_due(self, step: int) -> bool:
         if not self.eval_prompts:
             return False
         if step == self.total_steps:
             return True
-        every = self.cfg.eval_steps or max(1, len(self.prompts) // self.cfg.rollout_batch_size)
-        return step % every == 0
+        return step % (self.cfg.eval_steps or self.steps_per_epoch) == 0
+
+    def _save_due(self, step: int, evaluated: bool) -> bool:
+        if self.cfg.save_steps > 0:
+            return step % self.cfg.save_steps == 0
+        if self.eval_prompts:
+            return evaluated
+        return step % self.steps_per_epoch == 0 or step == self.total_steps
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
@@ -491,8 +502,7 @@ class PPOTrainer:
                     patience = t.early_stopping_patience
                     state["stopped_early"] = bool(patience and state["bad_evals"] >= patience)
                 log.flush()
-                due = (step + 1) % t.save_steps == 0 if t.save_steps else evaluated
-                if due or state["stopped_early"] or step + 1 == self.total_steps:
+                if self._save_due(step + 1, evaluated) or state["stopped_early"]:
                     keep_best = best_state if state["best_step"] != step + 1 else None
                     save_checkpoint(
                         ckpt_root,
