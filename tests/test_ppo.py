@@ -15,7 +15,8 @@ from tuneforge.methods import apply_method
 from tuneforge.models import load_model
 from tuneforge.train import train
 from tuneforge.train.policy import labelled_logprobs
-from tuneforge.train.ppo import PolicyWithValue, PPOTrainer, make_reward, rollout_metrics
+from tuneforge.train.ppo import PolicyWithValue, PPOTrainer, rollout_metrics
+from tuneforge.train.reward import make_reward
 
 from .conftest import ROOT, tiny_config
 

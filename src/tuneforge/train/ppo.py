@@ -10,8 +10,6 @@ prompts, then ``num_ppo_epochs`` passes of mini-batch updates over it.
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import json
 import math
 import shutil
@@ -30,7 +28,6 @@ from tuneforge.data.batching import epoch_order
 from tuneforge.data.preference import prepare_prompts
 from tuneforge.data.records import Messages
 from tuneforge.data.render import IGNORE, end_of_turn_ids, ensure_chat_template, render_prompt
-from tuneforge.errors import TuneforgeError
 from tuneforge.losses import (
     entropy_from_logits,
     gae,
@@ -53,9 +50,9 @@ from tuneforge.train.checkpoint import (
 )
 from tuneforge.train.loop import _truncate_metrics, build_optimizer, lr_lambda
 from tuneforge.train.policy import decoder_hidden, labelled_logprobs, unwrap
+from tuneforge.train.reward import make_reward
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-RewardFn = Callable[[list[Messages], list[str]], list[float]]
 
 
 # -- model ----------------------------------------------------------------------------------------
@@ -87,65 +84,6 @@ class PolicyWithValue(torch.nn.Module):
         values = zeros.masked_scatter(keep, self.value_head(hidden).squeeze(-1).float())
         entropy = zeros.masked_scatter(keep, entropy_from_logits(logits.detach()))
         return logprobs, values, entropy
-
-
-# -- rewards --------------------------------------------------------------------------------------
-def load_reward_function(spec: str) -> RewardFn:
-    """``module:function`` or ``path/file.py:function`` -> the function.
-
-    Raises:
-        TuneforgeError: the module, file or function cannot be found.
-    """
-    where, _, name = spec.rpartition(":")
-    key = "'training.reward_function'"
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise TuneforgeError(f"{key}: file {where} not found")
-        mod_spec = importlib.util.spec_from_file_location(f"tuneforge_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ModuleNotFoundError as e:
-            raise TuneforgeError(f"{key}: cannot import module '{where}' ({e})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise TuneforgeError(f"{key}: '{where}' has no function '{name}'")
-    return fn
-
-
-def make_reward(t: TrainingConfig) -> Callable[[list[Messages], list[str]], torch.Tensor]:
-    """The configured reward as ``f(prompts, responses) -> (B,) tensor``."""
-    if t.reward_model:
-        from tuneforge.train.reward import load_reward_model, score
-
-        rm, rm_tokenizer = load_reward_model(t.reward_model, t.dtype, t.device)
-
-        def from_model(prompts, responses):
-            return torch.tensor(score(rm, rm_tokenizer, prompts, responses), dtype=torch.float32)
-
-        return from_model
-    fn = load_reward_function(t.reward_function)
-
-    def from_function(prompts, responses):
-        last_user = [
-            next(m["content"] for m in reversed(p) if m["role"] == "user") for p in prompts
-        ]
-        out = fn(last_user, responses)
-        try:
-            values = torch.tensor([float(x) for x in out], dtype=torch.float32)
-        except (TypeError, ValueError):
-            values = None
-        if values is None or values.numel() != len(responses) or not values.isfinite().all():
-            raise TuneforgeError(
-                f"'training.reward_function' {t.reward_function} must return one finite number "
-                f"per response ({len(responses)}), got {str(out)[:80]}"
-            )
-        return values
-
-    return from_function
 
 
 # -- rollouts -------------------------------------------------------------------------------------

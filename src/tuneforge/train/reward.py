@@ -7,12 +7,16 @@ A reward run folder holds the LM as any run does (``adapter/`` or ``model/``) pl
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from tuneforge.config import TrainingConfig
 from tuneforge.data.records import Messages
 from tuneforge.data.render import render_reply
 from tuneforge.errors import TuneforgeError
@@ -20,6 +24,7 @@ from tuneforge.losses import bradley_terry_loss
 from tuneforge.train.policy import decoder_hidden
 
 HEAD_FILE = "reward_head.safetensors"
+RewardFn = Callable[[list[Messages], list[str]], list[float]]
 
 
 def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -137,3 +142,60 @@ def score(
             mask[row, : len(s)] = 1
         out += model(ids.to(device), mask.to(device)).tolist()
     return out
+
+
+# -- reward sources for PPO ----------------------------------------------------------------------
+def load_reward_function(spec: str) -> RewardFn:
+    """``module:function`` or ``path/file.py:function`` -> the function.
+
+    Raises:
+        TuneforgeError: the module, file or function cannot be found.
+    """
+    where, _, name = spec.rpartition(":")
+    key = "'training.reward_function'"
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise TuneforgeError(f"{key}: file {where} not found")
+        mod_spec = importlib.util.spec_from_file_location(f"tuneforge_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as e:
+            raise TuneforgeError(f"{key}: cannot import module '{where}' ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise TuneforgeError(f"{key}: '{where}' has no function '{name}'")
+    return fn
+
+
+def make_reward(t: TrainingConfig) -> Callable[[list[Messages], list[str]], torch.Tensor]:
+    """The configured reward as ``f(prompts, responses) -> (B,) tensor``."""
+    if t.reward_model:
+        rm, rm_tokenizer = load_reward_model(t.reward_model, t.dtype, t.device)
+
+        def from_model(prompts, responses):
+            return torch.tensor(score(rm, rm_tokenizer, prompts, responses), dtype=torch.float32)
+
+        return from_model
+    fn = load_reward_function(t.reward_function)
+
+    def from_function(prompts, responses):
+        last_user = [
+            next(m["content"] for m in reversed(p) if m["role"] == "user") for p in prompts
+        ]
+        out = fn(last_user, responses)
+        try:
+            values = torch.tensor([float(x) for x in out], dtype=torch.float32)
+        except (TypeError, ValueError):
+            values = None
+        if values is None or values.numel() != len(responses) or not values.isfinite().all():
+            raise TuneforgeError(
+                f"'training.reward_function' {t.reward_function} must return one finite number "
+                f"per response ({len(responses)}), got {str(out)[:80]}"
+            )
+        return values
+
+    return from_function
