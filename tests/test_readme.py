@@ -7,7 +7,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_readme_config_reference_is_current():
-    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts/update_readme.py")
+    spec = importlib.util.spec_from_file_location(
+        "update_readme", ROOT / "scripts/update_readme.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     text = (ROOT / "README.md").read_text()

@@ -52,6 +52,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reward(args: argparse.Namespace) -> int:
+    from tuneforge.train.reward import load_reward_model, score
+
+    model, tokenizer = load_reward_model(args.run)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages.append({"role": "user", "content": args.prompt})
+    [value] = score(model, tokenizer, [messages], [args.response])
+    print(f"{value:.4f}")
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from tuneforge.export import merge
 
@@ -116,6 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--base", action="store_true", help="use the run's base model without its adapter"
     )
     g.set_defaults(func=cmd_generate)
+
+    w = sub.add_parser(
+        "reward",
+        help="score a response with a reward-model run",
+        description="Print the scalar reward a reward-model run (training.objective: reward) "
+        "gives a response to a prompt; higher means more preferred.",
+    )
+    w.add_argument("run", metavar="RUN", help="reward-model run folder")
+    w.add_argument("--prompt", required=True, help="the user message")
+    w.add_argument("--response", required=True, help="the assistant response to score")
+    w.add_argument("--system", default=None, help="optional system message")
+    w.set_defaults(func=cmd_reward)
 
     m = sub.add_parser(
         "merge",

@@ -49,7 +49,10 @@ class DataConfig:
         0.0, "If no eval file: fraction of train held out (deterministic by seed)."
     )
     format: str = _f(
-        "auto", "auto | instruction | chat: record layout.", choices=("auto", "instruction", "chat")
+        "auto",
+        "auto | instruction | chat | preference: record layout (preference: prompt, chosen, "
+        "rejected; the reward, dpo and ppo objectives read preference or prompt records).",
+        choices=("auto", "instruction", "chat", "preference"),
     )
     max_length: int = _f(
         512, "Longest sample in tokens; longer ones are truncated (never to zero labels)."
@@ -101,7 +104,12 @@ class DataConfig:
 class TrainingConfig:
     """The optimisation loop."""
 
-    objective: str = _f("sft", "sft: supervised fine-tuning on assistant tokens.", choices=("sft",))
+    objective: str = _f(
+        "sft",
+        "sft: supervised fine-tuning on assistant tokens | reward: reward model (scalar head, "
+        "Bradley-Terry) | dpo: direct preference optimisation | ppo: RLHF with rollouts.",
+        choices=("sft", "reward", "dpo", "ppo"),
+    )
     learning_rate: float = _f(2.0e-4, "Peak learning rate (AdamW).")
     num_epochs: float = _f(3.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(0, "Optimizer steps to run; 0 means use num_epochs.")
@@ -149,6 +157,52 @@ class TrainingConfig:
         False, "torch.compile each decoder layer (first steps are slow while it compiles)."
     )
     progress: bool = _f(True, "Show a progress bar (loss, lr, tokens/s, ETA).")
+    # -- preference objectives (dpo, ppo, reward); see train/dpo.py, train/ppo.py, train/reward.py
+    beta: float = _f(
+        0.1, "dpo: strength of the tie to the reference model (beta of Rafailov et al. 2023)."
+    )
+    loss_type: str = _f(
+        "sigmoid",
+        "dpo: sigmoid (DPO) | ipo (IPO, per-token averaged log-ratios) | hinge (SLiC).",
+        choices=("sigmoid", "ipo", "hinge"),
+    )
+    precompute_reference: bool = _f(
+        False,
+        "dpo with an adapter method: compute reference log-probs once before training instead of "
+        "at every step (same numbers, fewer forward passes). Full fine-tuning always precomputes.",
+    )
+    reward_model: str = _f(
+        "", "ppo: run folder of a reward model (a run trained with training.objective: reward)."
+    )
+    reward_function: str = _f(
+        "",
+        "ppo: rule-based reward instead of a reward model: 'module:function' or "
+        "'path/file.py:function', called as f(prompts, responses) -> one float per response.",
+    )
+    rollout_batch_size: int = _f(
+        16,
+        "ppo: prompts per rollout (one PPO step); a multiple of batch_size * "
+        "gradient_accumulation (one optimizer step per such mini-batch).",
+    )
+    num_ppo_epochs: int = _f(2, "ppo: optimisation passes over each rollout.")
+    response_length: int = _f(64, "ppo: longest generated response, in tokens.")
+    temperature: float = _f(
+        1.0, "ppo: sampling temperature of rollouts (log-probs use the same temperature)."
+    )
+    kl_coef: float = _f(
+        0.05, "ppo: weight of the per-token KL penalty against the reference policy in the reward."
+    )
+    cliprange: float = _f(0.2, "ppo: clip range of the policy probability ratio (epsilon).")
+    cliprange_value: float = _f(0.2, "ppo: clip range of the value update around old values.")
+    vf_coef: float = _f(0.1, "ppo: weight of the value loss in the total loss.")
+    gamma: float = _f(1.0, "ppo: discount factor of GAE.")
+    lam: float = _f(0.95, "ppo: lambda of GAE (bias/variance trade-off of advantages).")
+    whiten_rewards: bool = _f(
+        False, "ppo: scale per-token rewards to unit variance over each rollout (mean kept)."
+    )
+    missing_eos_penalty: float = _f(
+        0.0, "ppo: subtracted from the score of a response cut at response_length (no end of turn)."
+    )
 
 
 @dataclass
@@ -414,6 +468,7 @@ def validate(cfg: Config, source: str = "config") -> None:
             d.mix = parse_mix_config(d.mix)
         except TuneforgeError as e:
             raise TuneforgeError(f"{source}: {e}") from None
+    _validate_preference(cfg, bad)
     if m.name == "lora":
         if m.r < 1:
             bad("method.r", f"must be at least 1, got {m.r}")
@@ -425,6 +480,50 @@ def validate(cfg: Config, source: str = "config") -> None:
             m.target_modules = [t.strip() for t in m.target_modules.split(",") if t.strip()]
         if isinstance(m.target_modules, list) and not m.target_modules:
             bad("method.target_modules", "must name at least one module (or 'all-linear')")
+
+
+def _validate_preference(cfg: Config, bad) -> None:
+    """Checks for the reward / dpo / ppo objectives (only when one of them is chosen)."""
+    t, d = cfg.training, cfg.data
+    if t.objective == "sft":
+        return
+    if d.packing:
+        bad("data.packing", f"applies to objective sft only; set it false for {t.objective}")
+    if d.format not in ("auto", "preference"):
+        bad("data.format", f"must be auto or preference for objective {t.objective}")
+    if t.objective == "dpo" and t.beta <= 0:
+        bad("training.beta", f"must be positive, got {t.beta}")
+    if t.objective != "ppo":
+        return
+    if bool(t.reward_model) == bool(t.reward_function):
+        bad(
+            "training.reward_model",
+            "or training.reward_function: set exactly one for objective ppo "
+            "(a reward-model run folder, or 'module:function')",
+        )
+    if t.reward_function and ":" not in t.reward_function:
+        bad(
+            "training.reward_function", f"must look like module:function, got {t.reward_function!r}"
+        )
+    for key in ("rollout_batch_size", "num_ppo_epochs", "response_length"):
+        if getattr(t, key) < 1:
+            bad(f"training.{key}", f"must be at least 1, got {getattr(t, key)}")
+    minibatch = t.batch_size * t.gradient_accumulation
+    if t.rollout_batch_size % minibatch:
+        bad(
+            "training.rollout_batch_size",
+            f"({t.rollout_batch_size}) must be a multiple of batch_size * gradient_accumulation "
+            f"({minibatch})",
+        )
+    for key in ("temperature", "cliprange", "cliprange_value"):
+        if getattr(t, key) <= 0:
+            bad(f"training.{key}", f"must be positive, got {getattr(t, key)}")
+    for key in ("kl_coef", "vf_coef", "missing_eos_penalty"):
+        if getattr(t, key) < 0:
+            bad(f"training.{key}", f"must be >= 0, got {getattr(t, key)}")
+    for key in ("gamma", "lam"):
+        if not 0 <= getattr(t, key) <= 1:
+            bad(f"training.{key}", f"must be in [0, 1], got {getattr(t, key)}")
 
 
 def to_dict(cfg: Config) -> dict:

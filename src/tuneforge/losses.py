@@ -57,3 +57,222 @@ def selective_lm_loss_sum(
             use_reentrant=False,
         )
     return total
+
+
+# -- preference and RL losses ---------------------------------------------------------------------
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) under ``softmax(logits)``, computed in fp32.
+
+    Args:
+        logits: (..., V)
+        targets: (...) token ids.
+
+    Returns:
+        (...) log-probabilities.
+    """
+    logits = logits.float()
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` along the last axis, (..., V) -> (...), in fp32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token log-probs over supervised positions, per sequence.
+
+    Args:
+        logits: (B, T, V)
+        labels: (B, T), IGNORE where not supervised.
+
+    Returns:
+        (B,) log p(response | prompt) for each row.
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE
+    logp = token_logprobs(logits[:, :-1], targets.clamp(min=0))  # (B, T-1)
+    return (logp * keep).sum(-1)
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Reward-model loss per pair: -log sigmoid(r_chosen - r_rejected).
+
+    Bradley & Terry 1952; the reward-model loss of Ouyang et al. 2022, eq. 1.
+
+    Args:
+        chosen_scores: (B,) scalar rewards of the preferred responses.
+        rejected_scores: (B,) scalar rewards of the other responses.
+
+    Returns:
+        (B,) losses (sum or average them as the caller normalises).
+    """
+    return -F.logsigmoid(chosen_scores.float() - rejected_scores.float())
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO family of pairwise losses on sequence log-probs.
+
+    With ``h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))``:
+
+    * ``sigmoid``: ``-log sigmoid(beta * h)`` (DPO eq. 7, Rafailov et al. 2023);
+    * ``hinge``: ``max(0, 1 - beta * h)`` (SLiC, Zhao et al. 2023);
+    * ``ipo``: ``(h' - 1 / (2 beta))^2`` (IPO eq. 17, Azar et al. 2023), where ``h'`` uses log-ratios
+      averaged per response token (needs ``chosen_tokens`` / ``rejected_tokens``), as TRL does.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) summed response log-probs, policy.
+        reference_chosen_logps, reference_rejected_logps: (B,) the same under the reference.
+        beta: strength of the tie to the reference.
+        loss_type: one of ``DPO_LOSS_TYPES``.
+        chosen_tokens, rejected_tokens: (B,) response token counts (``ipo`` only).
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each (B,); the implicit rewards are
+        ``beta * (log pi - log ref)``, detached.
+    """
+    chosen_logratios = policy_chosen_logps.float() - reference_chosen_logps.float()
+    rejected_logratios = policy_rejected_logps.float() - reference_rejected_logps.float()
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("ipo needs chosen_tokens and rejected_tokens")
+        h_avg = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / (
+            rejected_tokens.clamp(min=1)
+        )
+        losses = (h_avg - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use one of {DPO_LOSS_TYPES}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is true (all axes)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of ``values`` where ``mask`` is true (as TRL's ``masked_var``)."""
+    mask = mask.to(values.dtype)
+    n = mask.sum()
+    mean = (values * mask).sum() / n.clamp(min=1)
+    var = (((values - mean) ** 2) * mask).sum() / n.clamp(min=1)
+    return var * n / (n - 1).clamp(min=1)
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``(x - mean) / std`` over the masked entries; ``shift_mean=False`` keeps the mean.
+
+    Zero outside the mask. Rewards are whitened with ``shift_mean=False`` (scale only), advantages
+    with ``shift_mean=True`` (Ziegler et al. 2019; TRL's ``masked_whiten``).
+    """
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    out = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(values.dtype)
+
+
+def kl_per_token(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL estimate ``log pi(a) - log ref(a)`` of sampled tokens (the k1 estimator).
+
+    Its expectation over the policy's samples is KL(pi || ref); it is the per-token penalty of
+    Ziegler et al. 2019 and Ouyang et al. 2022 (eq. 2).
+    """
+    return logprobs - reference_logprobs
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, with
+    ``V`` and ``A`` zero past the end of each response.
+
+    Args:
+        rewards: (B, L) per-token rewards, zero outside the mask.
+        values: (B, L) value estimates V_t.
+        mask: (B, L) true on response tokens (one contiguous run per row).
+
+    Returns:
+        ``(advantages, returns)``, each (B, L) and zero outside the mask; returns = A + V.
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    rewards = rewards * m
+    L = rewards.size(1)
+    advantages = torch.zeros_like(rewards)
+    next_adv = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(L)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = (delta + gamma * lam * next_adv) * m[:, t]
+        advantages[:, t] = adv  # zero outside the response: nothing flows in from padding
+        next_adv = adv
+        next_value = values[:, t]
+    return advantages, (advantages + values) * m
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate objective (PPO eq. 7, Schulman et al. 2017), summed over masked tokens.
+
+    Per token: ``max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))`` with
+    ``ratio = exp(logp - old_logp)``.
+
+    Returns:
+        ``(loss_sum, clipped_tokens)``: the summed loss and how many tokens the clip was active on.
+    """
+    m = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    loss = torch.maximum(unclipped, clipped)
+    return (loss * m).sum(), ((clipped > unclipped).to(m.dtype) * m).sum().detach()
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss ``0.5 * max((V - R)^2, (V_clip - R)^2)``, summed over masked tokens.
+
+    ``V_clip = V_old + clip(V - V_old, -c, c)`` (the value clipping of OpenAI baselines' PPO2).
+
+    Returns:
+        ``(loss_sum, clipped_tokens)``.
+    """
+    m = mask.to(values.dtype)
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped = (values - returns) ** 2
+    clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * torch.maximum(unclipped, clipped)
+    return (loss * m).sum(), ((clipped > unclipped).to(m.dtype) * m).sum().detach()

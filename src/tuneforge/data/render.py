@@ -174,3 +174,26 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     except TuneforgeError:
         pass
     return sorted(ids)
+
+
+def render_reply(tokenizer, prompt_messages, reply: str) -> tuple[Sample, int]:
+    """A prompt and one assistant reply, with labels on the reply only.
+
+    The prompt is tokenized exactly as ``render_prompt`` does (what ``generate`` feeds the model),
+    so every reply to the same prompt shares the same prompt tokens; the reply is labelled with
+    its end-of-turn token, as in ``render_messages``. Used for preference pairs and for scoring
+    generated responses.
+
+    Returns:
+        ``(sample, prompt_length)``; ``sample.input_ids[:prompt_length] == render_prompt(...)``.
+    """
+    messages = [*prompt_messages, {"role": "assistant", "content": reply}]
+    full, spans = supervised_spans(tokenizer, messages)
+    start, end = spans[-1]
+    pieces = [p for p in (full[:start], full[start:end], full[end:]) if p]
+    encoded = _encode_pieces(tokenizer, pieces, full)
+    prompt_ids, reply_ids = encoded[0], encoded[1]
+    tail = [t for piece in encoded[2:] for t in piece]
+    input_ids = prompt_ids + reply_ids + tail
+    labels = [IGNORE] * len(prompt_ids) + reply_ids + [IGNORE] * len(tail)
+    return Sample(input_ids, labels), len(prompt_ids)

@@ -56,6 +56,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     before the run folder is created or changed. Under torchrun / ``--nproc`` every rank runs this;
     only rank 0 writes.
     """
+    if objective is None and cfg.training.objective in ("reward", "dpo"):
+        from tuneforge.train.preference import train_pairs
+
+        return train_pairs(cfg, resume=resume, overwrite=overwrite)
+    if objective is None and cfg.training.objective == "ppo":
+        from tuneforge.train.ppo import train_ppo
+
+        return train_ppo(cfg, resume=resume, overwrite=overwrite)
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume, overwrite)
     t = cfg.training

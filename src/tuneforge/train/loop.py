@@ -80,10 +80,18 @@ class LoopResult:
     seconds: float = 0.0
     supervised_tokens: int = 0
     skipped_steps: int = 0
+    best_eval_metrics: dict = field(default_factory=dict)
+
+
+def split_metrics(result) -> tuple[torch.Tensor, dict]:
+    """An objective's ``loss_sum`` returns a loss tensor, or ``(loss, metric_sums)``: sums over the
+    batch that the loop divides by the same units as the loss and logs (e.g. DPO accuracy)."""
+    return result if isinstance(result, tuple) else (result, {})
 
 
 class Trainer:
-    """Runs an objective over samples. ``objective`` has ``units(batch)`` and ``loss_sum(model, batch)``."""
+    """Runs an objective over samples. ``objective`` has ``units(batch)`` and ``loss_sum(model, batch)``
+    (see ``split_metrics`` for metrics an objective reports)."""
 
     def __init__(
         self,
@@ -110,6 +118,8 @@ class Trainer:
         self.pad_id = pad_id
         self.device = device
         self.collate = collate or (lambda samples: collate_padded(samples, pad_id))
+        self.collate_is_default = collate is None
+        self.last_eval_metrics: dict[str, float] = {}
         self.packing = packing
         self.dist = dist or Dist()
         self.group_by_length = group_by_length
@@ -181,13 +191,18 @@ class Trainer:
         units = int(self.dist.all_reduce_sum(local_units))  # the whole window, all ranks
         total = 0.0
         poison = step + 1 in _fault_steps("TUNEFORGE_FAULT_NAN_STEPS")  # test hook: a NaN loss
+        metric_sums: dict[str, float] = {}
         for b in batches:
             with self.autocast():
-                loss_sum = self.objective.loss_sum(self.model, self._to_device(b))
+                loss_sum, metrics = split_metrics(
+                    self.objective.loss_sum(self.model, self._to_device(b))
+                )
             if poison:
                 loss_sum = loss_sum * float("nan")
             (loss_sum / max(units, 1)).backward()
             total += float(loss_sum.detach())
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
         if self.dist.enabled:
             params = [p for p in self.model.parameters() if p.requires_grad]
             for p in params:  # a rank with an empty slice still joins the reduction
@@ -195,7 +210,9 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
             self.dist.all_reduce_grads(params)
             total = self.dist.all_reduce_sum(total)
-        return {"loss": total / max(units, 1), "tokens": units}
+            metric_sums = {k: self.dist.all_reduce_sum(v) for k, v in sorted(metric_sums.items())}
+        metrics = {k: v / max(units, 1) for k, v in metric_sums.items()}
+        return {"loss": total / max(units, 1), "tokens": units, "metrics": metrics}
 
     def train_step(self, step: int) -> dict:
         out = self.accumulate_gradients(step)
@@ -213,7 +230,13 @@ class Trainer:
         # learning rate stays tied to the step count.
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        result = {"loss": out["loss"], "grad_norm": grad_norm, "lr": lr, "tokens": out["tokens"]}
+        result = {
+            "loss": out["loss"],
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": out["tokens"],
+            **out["metrics"],
+        }
         if not finite:
             result["skipped"] = True
         return result
@@ -223,15 +246,35 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         total, units = 0.0, 0
-        shard = self.eval_samples[self.dist.rank :: self.dist.world]
-        for b in iterate_eval(shard, self.cfg.batch_size, self.pad_id) if shard else []:
+        metric_sums: dict[str, float] = {}
+        for b in self._eval_batches():
             with self.autocast():
-                total += float(self.objective.loss_sum(self.model, self._to_device(b)))
+                loss_sum, metrics = split_metrics(
+                    self.objective.loss_sum(self.model, self._to_device(b))
+                )
+            total += float(loss_sum)
             units += self.objective.units(b)
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
         total, units = self.dist.all_reduce_sum(total), self.dist.all_reduce_sum(units)
+        metric_sums = {k: self.dist.all_reduce_sum(v) for k, v in sorted(metric_sums.items())}
         if was_training:
             self.model.train()
+        self.last_eval_metrics = {k: v / max(units, 1) for k, v in metric_sums.items()}
         return total / max(units, 1)
+
+    def _eval_batches(self):
+        shard = self.eval_samples[self.dist.rank :: self.dist.world]  # each rank its share
+        if not shard:
+            return iter(())
+        if self.collate_is_default:
+            return iterate_eval(shard, self.cfg.batch_size, self.pad_id)
+        # Same order as iterate_eval (by length), through the objective's own collate.
+        order = sorted(range(len(shard)), key=lambda i: len(shard[i]))
+        bs = self.cfg.batch_size
+        return (
+            self.collate([shard[j] for j in order[i : i + bs]]) for i in range(0, len(order), bs)
+        )
 
     def _eval_due(self, step: int) -> bool:
         if not self.eval_samples:
@@ -338,6 +381,7 @@ class Trainer:
                     best = state["best_eval_loss"]
                     if best is None or eval_loss < best:
                         state.update(best_eval_loss=eval_loss, best_step=step + 1, bad_evals=0)
+                        state["best_eval_metrics"] = self.last_eval_metrics
                         best_state = trainable_state(self.model)
                     else:
                         state["bad_evals"] += 1
@@ -346,6 +390,10 @@ class Trainer:
                             {
                                 "step": step + 1,
                                 "eval_loss": round(eval_loss, 6),
+                                **{
+                                    f"eval_{k}": round(v, 6)
+                                    for k, v in self.last_eval_metrics.items()
+                                },
                                 "best_step": state["best_step"],
                             }
                         )
@@ -394,6 +442,7 @@ class Trainer:
             seconds=time.perf_counter() - start,
             skipped_steps=state.get("skipped_steps", 0),
             supervised_tokens=state["supervised_tokens"],
+            best_eval_metrics=state.get("best_eval_metrics", {}),
         )
 
 
