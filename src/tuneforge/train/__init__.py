@@ -61,7 +61,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     model, tokenizer, resolved = load_model(cfg.model, t.dtype, t.device, cfg.trust_remote_code)
     data = prepare_sft_data(cfg.data, tokenizer, t.seed)
     model.config.use_cache = False
-    model = apply_method(model, cfg.method)
+    model = apply_method(model, cfg.method, tokenizer)
     st = data.train_stats
     _log(
         f"data: {len(data.train)} training samples, {len(data.eval)} eval samples"
