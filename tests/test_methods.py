@@ -200,3 +200,20 @@ def test_ia3_feedforward_module_the_model_lacks():
     cfg = MethodConfig(name="ia3", target_modules=["k_proj"], feedforward_modules=["fc2"])
     with pytest.raises(TuneforgeError, match="'method.feedforward_modules' \\['fc2'\\] names a"):
         apply_method(fresh("tiny-llama")[0], cfg)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_starts_as_the_init_text_context(family):
+    """Initialised from text, the prefix is that text's keys/values in every layer: the model with
+    the prefix gives the base model's logits for text + input, at the input's positions."""
+    base, tok = fresh(family)
+    text = "Convert the date"
+    text_ids = tok(text, add_special_tokens=False)["input_ids"]
+    cfg = MethodConfig(name="prefix", num_virtual_tokens=len(text_ids), prompt_init_text=text)
+    expected_base = copy.deepcopy(base)
+    model = apply_method(base, cfg, tok).eval()
+    ids = torch.tensor([[1, 520, 33, 4000, 17, 9]])
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        full = expected_base(input_ids=torch.cat([torch.tensor([text_ids]), ids], 1)).logits
+    torch.testing.assert_close(got, full[:, len(text_ids) :], rtol=1e-4, atol=1e-4)

@@ -86,8 +86,9 @@ class MethodConfig:
     )
     prompt_init_text: str | None = _f(
         None,
-        "prompt: initialise the soft prompt from the embeddings of this text (repeated or cut "
-        "to num_virtual_tokens); unset: embeddings of random vocabulary tokens.",
+        "prompt, prefix: start from this text (repeated or cut to num_virtual_tokens): the soft "
+        "prompt as its embeddings, the prefix (without prefix_projection) as the keys/values the "
+        "model computes for it; unset: random vocabulary tokens instead.",
     )
 
 

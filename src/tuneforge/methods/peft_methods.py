@@ -20,8 +20,6 @@ import torch
 from tuneforge.config import MethodConfig
 from tuneforge.errors import TuneforgeError
 
-PROMPT_LEARNING = ("prefix", "prompt")
-
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Distinct leaf names of the linear layers a method can target (the LM head excluded)."""
@@ -79,8 +77,8 @@ def prefix_config(cfg: MethodConfig, model: torch.nn.Module):
 def prompt_config(cfg: MethodConfig):
     from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
-    # Random init samples real vocabulary embeddings: peft's RANDOM (N(0, 1)) lies far off the
-    # embedding manifold of a trained model and trains much more slowly.
+    # Without prompt_init_text: embeddings of random vocabulary tokens; peft's RANDOM draws
+    # N(0, 1) vectors, which (its docs warn) may lie outside the embedding manifold.
     return PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=cfg.num_virtual_tokens,
@@ -109,16 +107,20 @@ def apply_peft_method(model: torch.nn.Module, cfg: MethodConfig, tokenizer=None)
     """Wrap ``model`` in a ``PeftModel`` for lora / dora / ia3 / prefix / prompt.
 
     Args:
-        tokenizer: needed for ``prompt_init_text`` (the soft prompt starts as that text's
-            embeddings).
+        tokenizer: needed for ``prompt_init_text`` (the text the soft prompt or the prefix
+            starts from).
     """
+    # The user's mistakes are checked before peft is imported: importing it can print notices
+    # (e.g. bitsandbytes' about missing CPU kernels) that would spoil the one-line error.
+    if cfg.name in ("lora", "dora"):
+        _check_targets(model, cfg)
+    elif cfg.name == "ia3":
+        _check_targets(model, cfg, list(cfg.feedforward_modules))
     from peft import get_peft_model
 
     if cfg.name in ("lora", "dora"):
-        _check_targets(model, cfg)
         peft_cfg = lora_config(cfg)
     elif cfg.name == "ia3":
-        _check_targets(model, cfg, list(cfg.feedforward_modules))
         peft_cfg = ia3_config(cfg)
     elif cfg.name == "prefix":
         peft_cfg = prefix_config(cfg, model)
@@ -132,7 +134,49 @@ def apply_peft_method(model: torch.nn.Module, cfg: MethodConfig, tokenizer=None)
         raise TuneforgeError(f"method '{cfg.name}': {str(e).splitlines()[0]}") from None
     if cfg.name == "prompt" and cfg.prompt_init_text:
         init_soft_prompt_from_text(peft_model, cfg.prompt_init_text, tokenizer)
+    if cfg.name == "prefix" and not cfg.prefix_projection:
+        init_prefix_from_activations(peft_model, _init_ids(peft_model, cfg, tokenizer))
     return peft_model
+
+
+def _init_ids(peft_model, cfg: MethodConfig, tokenizer) -> list[int]:
+    """``num_virtual_tokens`` ids: the init text's (repeated or cut), else random vocabulary."""
+    V = cfg.num_virtual_tokens
+    if cfg.prompt_init_text:
+        if tokenizer is None:
+            raise ValueError("prompt_init_text needs the tokenizer")
+        ids = tokenizer(cfg.prompt_init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise TuneforgeError("'method.prompt_init_text' has no tokens")
+        return (ids * math.ceil(V / len(ids)))[:V]
+    vocab = peft_model.get_base_model().get_input_embeddings().num_embeddings
+    return torch.randint(0, vocab, (V,)).tolist()
+
+
+@torch.no_grad()
+def init_prefix_from_activations(peft_model, ids: list[int]) -> None:
+    """Start the prefix as the keys/values the frozen model computes for ``ids`` in every layer
+    (Li & Liang 2021, sec. 7.2: real-word activations train far more stably than random ones;
+    peft's default N(0, 1) entries start at ~10x the base model's loss on the dates task).
+
+    The prefix then equals a real context of those tokens at positions 0..V-1, which is where the
+    training forward places it (the input's positions start at V).
+    """
+    cfg = peft_model.active_peft_config
+    base = peft_model.get_base_model()
+    device = base.get_input_embeddings().weight.device
+    out = base(input_ids=torch.tensor([ids], device=device), use_cache=True)
+    cache = out.past_key_values
+    per_layer = []
+    for layer in range(cfg.num_layers):
+        k, v = cache.layers[layer].keys, cache.layers[layer].values  # (1, H_kv, V, hd)
+        per_layer += [k[0].transpose(0, 1), v[0].transpose(0, 1)]  # (V, H_kv, hd) each
+    # peft views the embedding as (V, num_layers * 2, H_kv, hd): key, value per layer in turn.
+    weight = torch.stack(per_layer, dim=1).reshape(len(ids), -1)  # (V, L * 2 * H_kv * hd)
+    embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
+    if weight.shape != embedding.weight.shape:
+        raise ValueError(f"prefix layout {tuple(weight.shape)} != {tuple(embedding.weight.shape)}")
+    embedding.weight.copy_(weight.float())
 
 
 def init_soft_prompt_from_text(peft_model, text: str, tokenizer) -> None:
@@ -141,14 +185,12 @@ def init_soft_prompt_from_text(peft_model, text: str, tokenizer) -> None:
     tokenizer by name)."""
     from peft import PromptTuningInit
 
-    if tokenizer is None:
-        raise ValueError("prompt_init_text needs the tokenizer")
     cfg = peft_model.active_peft_config
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise TuneforgeError("'method.prompt_init_text' has no tokens")
-    V = cfg.num_virtual_tokens
-    ids = (ids * math.ceil(V / len(ids)))[:V]
+    ids = _init_ids(
+        peft_model,
+        MethodConfig(prompt_init_text=text, num_virtual_tokens=cfg.num_virtual_tokens),
+        tokenizer,
+    )
     embedding = peft_model.prompt_encoder[peft_model.active_adapter].embedding
     words = peft_model.word_embeddings
     with torch.no_grad():
@@ -177,12 +219,13 @@ def load_peft_adapter(
 
 
 def load_adapter(model: torch.nn.Module, adapter_dir: str, is_trainable: bool = False):
-    """Kept for callers of the foundation API; see ``tuneforge.methods.load_adapter``."""
+    """The foundation's entry point, kept for its callers; ``tuneforge.methods.load_adapter``
+    also loads bottleneck adapters and named adapters."""
     return load_peft_adapter(model, adapter_dir, is_trainable=is_trainable)
 
 
 def apply_lora(model: torch.nn.Module, cfg: MethodConfig) -> torch.nn.Module:
-    """Inject LoRA layers (peft wraps each target as ``base_layer`` + A/B)."""
+    """The foundation's entry point, kept for its callers: LoRA (or DoRA) through peft."""
     return apply_peft_method(model, cfg)
 
 
