@@ -28,16 +28,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise TuneforgeError("--temperature must be >= 0 and --top-p in (0, 1]")
     extra = _named_adapters(args.add_adapter or [])
-    if args.base and args.adapter:
-        raise TuneforgeError("--base and --adapter contradict each other; pick one")
+    if args.base and (args.adapter or extra):
+        raise TuneforgeError("--base runs the model without adapters; drop --adapter/--add-adapter")
     model, tokenizer = load_for_inference(
         args.model, adapter=not args.base, adapters=extra, active=args.adapter
     )
-    if args.base and extra:
-        from tuneforge.methods import disabled_adapters
-
-        with disabled_adapters(model):
-            return _reply(model, tokenizer, args)
     return _reply(model, tokenizer, args)
 
 
