@@ -29,14 +29,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tuneforge.eval.generate import generate
     from tuneforge.runs import load_for_inference
 
     if args.max_new_tokens < 1:
         raise TuneforgeError("--max-new-tokens must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise TuneforgeError("--temperature must be >= 0 and --top-p in (0, 1]")
-    model, tokenizer = load_for_inference(args.model, adapter=not args.base)
+    extra = _named_adapters(args.add_adapter or [])
+    if args.base and (args.adapter or extra):
+        raise TuneforgeError("--base runs the model without adapters; drop --adapter/--add-adapter")
+    model, tokenizer = load_for_inference(
+        args.model, adapter=not args.base, adapters=extra, active=args.adapter
+    )
+    return _reply(model, tokenizer, args)
+
+
+def _named_adapters(items: list[str]) -> dict[str, str]:
+    """``['runs/a', 'b=runs/x']`` -> ``{'a': 'runs/a', 'b': 'runs/x'}`` (name: the folder's)."""
+    from tuneforge.runs import adapter_name
+
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            name, path = adapter_name(item), item
+        if name in out:
+            raise TuneforgeError(f"--add-adapter: two adapters are named '{name}'; use NAME=RUN")
+        out[name] = path
+    return out
+
+
+def _reply(model, tokenizer, args: argparse.Namespace) -> int:
+    from tuneforge.eval.generate import generate
+
     messages = [{"role": "system", "content": args.system}] if args.system else []
     messages.append({"role": "user", "content": args.prompt})
     [reply] = generate(
@@ -60,6 +85,14 @@ def cmd_reward(args: argparse.Namespace) -> int:
     messages.append({"role": "user", "content": args.prompt})
     [value] = score(model, tokenizer, [messages], [args.response])
     print(f"{value:.4f}")
+    return 0
+
+
+def cmd_adapters_combine(args: argparse.Namespace) -> int:
+    from tuneforge.methods.combine import combine_runs
+
+    out = combine_runs(args.runs, args.weights, args.out, overwrite=args.overwrite)
+    print(f"combined adapter saved to {out} (use it like any run folder)")
     return 0
 
 
@@ -126,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--base", action="store_true", help="use the run's base model without its adapter"
     )
+    g.add_argument(
+        "--add-adapter",
+        action="append",
+        metavar="[NAME=]RUN",
+        help="load another run's adapter onto the same base (repeatable); its name is the run "
+        "folder's name unless given",
+    )
+    g.add_argument(
+        "--adapter",
+        metavar="NAME",
+        default=None,
+        help="the loaded adapter to generate with (default: the run's own, else the first added)",
+    )
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser(
@@ -139,6 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--response", required=True, help="the assistant response to score")
     w.add_argument("--system", default=None, help="optional system message")
     w.set_defaults(func=cmd_reward)
+
+    a = sub.add_parser("adapters", help="work with several adapters (combine LoRA runs)")
+    asub = a.add_subparsers(dest="adapters_command", required=True, metavar="ACTION")
+    c = asub.add_parser(
+        "combine",
+        help="weighted sum of LoRA runs' updates, saved as a new run",
+        description="delta W = sum_i w_i * scale_i * B_i A_i, exact (the ranks are concatenated).",
+    )
+    c.add_argument("runs", nargs="+", metavar="RUN", help="LoRA run folders on the same base")
+    c.add_argument(
+        "--weights", nargs="+", type=float, required=True, help="one weight per run, e.g. 0.7 0.3"
+    )
+    c.add_argument("--out", required=True, help="folder for the combined run")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_adapters_combine)
 
     m = sub.add_parser(
         "merge",

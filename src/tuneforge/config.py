@@ -25,17 +25,70 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+METHODS = ("full", "lora", "dora", "ia3", "adapter", "prefix", "prompt")
+
+
 @dataclass
 class MethodConfig:
     """How the model is adapted."""
 
-    name: str = _f("lora", "full | lora: which weights train.", choices=("full", "lora"))
-    r: int = _f(16, "LoRA rank (lora).")
+    name: str = _f(
+        "lora",
+        "full | lora | dora | ia3 | adapter | prefix | prompt: which weights train "
+        "(see the README's method table).",
+        choices=METHODS,
+    )
+    r: int = _f(16, "LoRA rank (lora, dora).")
     lora_alpha: float = _f(32.0, "LoRA scaling numerator; the update is scaled by lora_alpha / r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input path during training.")
     target_modules: list[str] | str = _f(
         ["q_proj", "k_proj", "v_proj", "o_proj"],
-        "Module names (or suffixes) to adapt, or 'all-linear' for every linear layer but the head.",
+        "Module names (or suffixes) to adapt, or 'all-linear' for every linear layer but the head "
+        "(lora, dora, ia3).",
+    )
+    use_rslora: bool = _f(
+        False,
+        "lora, dora: scale the update by lora_alpha / sqrt(r) (rank-stabilised LoRA) "
+        "instead of lora_alpha / r.",
+    )
+    feedforward_modules: list[str] = _f(
+        ["down_proj"],
+        "ia3: modules whose input (not output) is rescaled, as for the IA3 feed-forward vector; "
+        "they are adapted in addition to target_modules.",
+    )
+    placement: str = _f(
+        "both",
+        "adapter: both (after attention and after the MLP of every layer, Houlsby) | mlp "
+        "(after the MLP only, Pfeiffer).",
+        choices=("both", "mlp"),
+    )
+    bottleneck_size: int = _f(
+        0, "adapter: width of the bottleneck; 0 means hidden_size // reduction_factor."
+    )
+    reduction_factor: int = _f(
+        16, "adapter: hidden_size / bottleneck width, used when bottleneck_size is 0."
+    )
+    non_linearity: str = _f(
+        "relu",
+        "adapter: activation between the down- and up-projection.",
+        choices=("relu", "gelu", "silu", "tanh"),
+    )
+    num_virtual_tokens: int = _f(
+        20, "prefix, prompt: learned virtual tokens (prefix: per layer keys/values)."
+    )
+    prefix_projection: bool = _f(
+        False,
+        "prefix: train the prefix through a 2-layer MLP (reparameterisation); only its output "
+        "is saved.",
+    )
+    encoder_hidden_size: int = _f(
+        0, "prefix: hidden width of the prefix_projection MLP; 0 means the model's hidden size."
+    )
+    prompt_init_text: str | None = _f(
+        None,
+        "prompt, prefix: start from this text (repeated or cut to num_virtual_tokens): the soft "
+        "prompt as its embeddings, the prefix (without prefix_projection) as the keys/values the "
+        "model computes for it; unset: random vocabulary tokens instead.",
     )
 
 
@@ -469,7 +522,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         except TuneforgeError as e:
             raise TuneforgeError(f"{source}: {e}") from None
     _validate_preference(cfg, bad)
-    if m.name == "lora":
+    if m.name in ("lora", "dora"):
         if m.r < 1:
             bad("method.r", f"must be at least 1, got {m.r}")
         if m.lora_alpha <= 0:
@@ -480,6 +533,37 @@ def validate(cfg: Config, source: str = "config") -> None:
             m.target_modules = [t.strip() for t in m.target_modules.split(",") if t.strip()]
         if isinstance(m.target_modules, list) and not m.target_modules:
             bad("method.target_modules", "must name at least one module (or 'all-linear')")
+    validate_method_extras(cfg, bad)
+
+
+def validate_method_extras(cfg: Config, bad) -> None:
+    """Checks for the keys of dora / ia3 / adapter / prefix / prompt (issue 5)."""
+    m = cfg.method
+    if m.use_rslora and m.name not in ("lora", "dora"):
+        bad("method.use_rslora", f"applies to lora and dora only, not to '{m.name}'")
+    if m.name == "ia3":
+        if isinstance(m.target_modules, str) and m.target_modules != "all-linear":
+            m.target_modules = [t.strip() for t in m.target_modules.split(",") if t.strip()]
+        if isinstance(m.target_modules, list) and not m.target_modules:
+            bad("method.target_modules", "must name at least one module (or 'all-linear')")
+    if m.name == "adapter":
+        if m.bottleneck_size < 0:
+            bad("method.bottleneck_size", f"must be >= 0, got {m.bottleneck_size}")
+        if m.reduction_factor < 1:
+            bad("method.reduction_factor", f"must be at least 1, got {m.reduction_factor}")
+    if m.name in ("prefix", "prompt"):
+        if m.num_virtual_tokens < 1:
+            bad("method.num_virtual_tokens", f"must be at least 1, got {m.num_virtual_tokens}")
+        if m.encoder_hidden_size < 0:
+            bad("method.encoder_hidden_size", f"must be >= 0, got {m.encoder_hidden_size}")
+        if cfg.data.packing:
+            bad(
+                "data.packing",
+                f"is not supported with method '{m.name}' yet (its virtual tokens need "
+                "per-sample positions); set data.packing: false",
+            )
+        if m.prompt_init_text is not None and not m.prompt_init_text.strip():
+            bad("method.prompt_init_text", "is empty; remove it for a random initialisation")
 
 
 def _validate_preference(cfg: Config, bad) -> None:

@@ -22,7 +22,7 @@ def merge(
     Raises:
         TuneforgeError: not a run with an adapter, or ``out`` exists without ``overwrite``.
     """
-    from tuneforge.methods.peft_methods import load_adapter
+    from tuneforge.methods import check_mergeable, load_adapter
     from tuneforge.models import load_model, load_tokenizer
 
     run, out = Path(run), Path(out)
@@ -32,6 +32,7 @@ def merge(
         raise TuneforgeError(
             f"'{run}' was trained with method full; its model/ folder is already merged"
         )
+    check_mergeable(run / "adapter")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise TuneforgeError(f"'{out}' already exists; pass --overwrite to replace it")
     model, _, _ = load_model(run_base_model(run), dtype="float32", device="cpu")

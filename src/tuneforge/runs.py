@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -30,34 +31,90 @@ def run_base_model(run: Path) -> str:
         raise TuneforgeError(f"{run / 'config.yaml'}: not a tuneforge run config") from None
 
 
-def load_for_inference(ref: str, dtype: str = "auto", device: str = "auto", adapter: bool = True):
+def load_for_inference(
+    ref: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    adapter: bool = True,
+    adapters: dict[str, str] | None = None,
+    active: str | None = None,
+):
     """(model, tokenizer) for a run folder (base + adapter, or the full model) or a model reference.
 
     Args:
         ref: run folder, model folder, .gguf file, alias or hub id.
         adapter: load the run's adapter on top of its base (False: the base model alone).
+        adapters: more adapters to load onto the same base, name -> run folder (or adapter
+            folder). The run's own adapter is named after its folder.
+        active: the adapter to run with (default: the run's own, else the first of ``adapters``).
+
+    Raises:
+        TuneforgeError: not a run / model, an adapter trained on another base, an unknown name.
     """
     from tuneforge.data.render import ensure_chat_template
-    from tuneforge.methods.peft_methods import load_adapter
+    from tuneforge.methods import load_adapters, set_active_adapter
     from tuneforge.models import load_model, load_tokenizer
 
     path = Path(ref)
+    named: dict[str, str] = {}
     if path.is_dir() and (path / "config.yaml").is_file() and not is_run(path):
         raise TuneforgeError(
             f"'{ref}' is a run folder without a trained adapter or model (did training finish?)"
         )
     if is_run(path):
         if (path / "model" / "config.json").is_file():
-            model, tokenizer, _ = load_model(
-                str(path / "model") if adapter else run_base_model(path), dtype, device
-            )
+            base_ref = str(path / "model") if adapter else run_base_model(path)
+            model, tokenizer, _ = load_model(base_ref, dtype, device)
         else:
-            model, tokenizer, _ = load_model(run_base_model(path), dtype, device)
+            base_ref = run_base_model(path)
+            model, tokenizer, _ = load_model(base_ref, dtype, device)
             tokenizer = load_tokenizer(str(path / "adapter"))
             if adapter:
-                model = load_adapter(model, str(path / "adapter"))
+                named[adapter_name(path)] = str(path / "adapter")
     else:
+        base_ref = ref
         model, tokenizer, _ = load_model(ref, dtype, device)
+    for name, other in (adapters or {}).items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise TuneforgeError(f"adapter name '{name}': use letters, digits, '-' and '_' only")
+        if name in named:
+            raise TuneforgeError(f"two adapters are named '{name}'; name the other one NAME=RUN")
+        named[name] = _adapter_dir(other, base_ref)
+    model = load_adapters(model, named)
+    if active is not None:
+        set_active_adapter(model, active)
     ensure_chat_template(tokenizer)
     model.eval()
     return model, tokenizer
+
+
+def adapter_name(run: str | Path) -> str:
+    """The name a run's adapter gets on a model: its folder name (characters other than letters,
+    digits, ``-`` and ``_`` become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", Path(run).resolve().name) or "default"
+
+
+def _adapter_dir(ref: str, base_ref: str) -> str:
+    """The adapter folder of a run (checked to share ``base_ref``) or an adapter folder."""
+    path = Path(ref)
+    if (path / "adapter_config.json").is_file():
+        return str(path)
+    if not is_run(path) or not (path / "adapter" / "adapter_config.json").is_file():
+        raise TuneforgeError(f"'{ref}' is not a run folder with an adapter/ (or an adapter folder)")
+    other_base = run_base_model(path)
+    if other_base != base_ref and not _same_model(other_base, base_ref):
+        raise TuneforgeError(
+            f"'{ref}' was trained on '{other_base}', not on '{base_ref}'; adapters only load "
+            "onto the base they were trained from"
+        )
+    return str(path / "adapter")
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two references to one model (an alias and its cached folder, two spellings of a path)."""
+    from tuneforge.models import resolve_model
+
+    try:
+        return Path(resolve_model(a)).resolve() == Path(resolve_model(b)).resolve()
+    except TuneforgeError:
+        return False

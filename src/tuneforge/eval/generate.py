@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tuneforge.data.render import end_of_turn_ids, render_prompt
+from tuneforge.methods import generate_tokens
 
 
 @torch.no_grad()
@@ -45,7 +46,7 @@ def generate(
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        out = generate_tokens(model, ids.to(device), mask.to(device), **kwargs)
         for row, i in enumerate(idx):
             new = out[row, T:].tolist()
             for j, tok in enumerate(new):

@@ -79,7 +79,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         )
         data = prepare_sft_data(cfg.data, tokenizer, t.seed, model=model)
         model.config.use_cache = False
-        model = apply_method(model, cfg.method)
+        model = apply_method(model, cfg.method, tokenizer)
         prepare_for_speed(model, t)
         st = data.train_stats
         log(

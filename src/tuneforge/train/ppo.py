@@ -493,7 +493,7 @@ def train_ppo(cfg: Config, resume: bool = False, overwrite: bool = False) -> dic
     ensure_chat_template(tokenizer)
     prompts, eval_prompts = prepare_prompts(cfg.data, t.seed)
     reward = make_reward(t)
-    lm = apply_method(lm, cfg.method)
+    lm = apply_method(lm, cfg.method, tokenizer)
     prepare_for_speed(lm, t)
     model = PolicyWithValue(lm)
     _log(f"data: {len(prompts)} training prompts, {len(eval_prompts)} eval prompts")

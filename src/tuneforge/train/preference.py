@@ -49,7 +49,7 @@ def train_pairs(cfg: Config, resume: bool = False, overwrite: bool = False) -> d
     lm, tokenizer, resolved = load_model(cfg.model, t.dtype, t.device, cfg.trust_remote_code)
     data = prepare_preference_data(cfg.data, tokenizer, t.seed)
     lm.config.use_cache = False
-    lm = apply_method(lm, cfg.method)
+    lm = apply_method(lm, cfg.method, tokenizer)
     prepare_for_speed(lm, t)
     _log(
         "data: "

@@ -6,6 +6,7 @@ import torch
 
 from tuneforge.data.batching import supervised_tokens
 from tuneforge.losses import causal_lm_loss_sum, selective_lm_loss_sum
+from tuneforge.methods.peft_methods import is_prompt_learning, virtual_token_count
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -45,9 +46,13 @@ class SFTObjective:
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         base = _unwrap(model)
-        if self._can_select(base):
+        # Prefix / prompt tuning add their virtual tokens in the peft wrapper, which the direct
+        # decoder call would skip: they take the plain path.
+        if self._can_select(base) and not is_prompt_learning(model):
             hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, C)
             head = base.get_output_embeddings()
             return selective_lm_loss_sum(hidden, head.weight, batch["labels"], self.chunk_size)
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
+        # Prompt tuning returns logits for its virtual tokens first: (B, n_virtual + T, V).
+        logits = logits[:, virtual_token_count(model) :]
         return causal_lm_loss_sum(logits, batch["labels"])
