@@ -20,6 +20,7 @@ from tuneforge.models import load_model, pick_device
 from tuneforge.train.checkpoint import list_checkpoints
 from tuneforge.train.loop import LoopResult, Trainer
 from tuneforge.train.sft import SFTObjective
+from tuneforge.train.tensorboard import make_loggers
 
 
 def seed_everything(seed: int) -> None:
@@ -73,6 +74,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         )
     )
     _log(describe_trainable(model))
+    loggers = make_loggers(t.report_to, run_dir)  # fails before anything is written
 
     if overwrite and not resume and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -89,6 +91,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         run_dir,
         tokenizer.pad_token_id,
         device,
+        loggers=loggers,
     )
     result = trainer.run(resume=resume)
     save_trained(model, tokenizer, cfg, run_dir)

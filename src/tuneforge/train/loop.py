@@ -86,8 +86,10 @@ class Trainer:
         pad_id: int,
         device: torch.device,
         collate=None,
+        loggers: list | None = None,
     ):
         self.model = model
+        self.loggers = loggers or []  # e.g. TensorBoardLogger: .log(record), .close()
         self.objective = objective
         self.train_samples = train_samples
         self.eval_samples = eval_samples
@@ -229,6 +231,8 @@ class Trainer:
                 }
                 if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
                     metrics.write(json.dumps(record) + "\n")
+                    for logger in self.loggers:
+                        logger.log(record)
                 bar.set_postfix(
                     loss=f"{out['loss']:.4f}",
                     lr=f"{out['lr']:.2e}",
@@ -256,6 +260,8 @@ class Trainer:
                         )
                         + "\n"
                     )
+                    for logger in self.loggers:
+                        logger.log({"step": step + 1, "eval_loss": eval_loss})
                     bar.write(
                         f"step {step + 1}: eval_loss {eval_loss:.4f} (best {state['best_eval_loss']:.4f} at step {state['best_step']})"
                     )
@@ -283,6 +289,8 @@ class Trainer:
                     )
                     break
         bar.close()
+        for logger in self.loggers:
+            logger.close()
         if best_state is not None and state["best_step"] != state["global_step"]:
             load_trainable_state(self.model, best_state)  # keep the best weights
         return LoopResult(
