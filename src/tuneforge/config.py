@@ -127,7 +127,10 @@ class EvalConfig:
     temperature: float = _f(0.0, "Sampling temperature; 0 is greedy decoding.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (with temperature > 0).")
     seed: int = _f(0, "Seed for sampling, few-shot example choice and review-sheet sides.")
-    batch_size: int = _f(32, "Prompts generated per batch.")
+    batch_size: int = _f(
+        128,
+        "Prompts generated per batch (large batches are much faster on CPU; lower if memory is short).",
+    )
     merge_adapter: bool = _f(
         True, "Merge LoRA weights into a copy of the base before generating (faster, same outputs)."
     )

@@ -69,7 +69,9 @@ def loss_curve_png(curves: dict) -> bytes | None:
         ax.axvline(best, color="#2e7d32", linestyle="--", label=f"best step ({best})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (cross-entropy per token)")
-    ax.set_yscale("log")
+    values = [v for _, v in train] + [v for _, v in evals]
+    if min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")  # fine-tuning losses often fall by orders of magnitude
     ax.grid(True, alpha=0.3)
     ax.legend()
     ax.set_title("Train and eval loss")
