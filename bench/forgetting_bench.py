@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--general-repeats", type=int, default=2)
     ap.add_argument("--out", default="runs/forgetting")
+    ap.add_argument("--n-test", type=int, default=40, help="dates test examples for exact match")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -66,6 +67,7 @@ def main() -> int:
     runs = {"dates-only": ROOT / "examples/dates/train.jsonl", "dates+general": mixed}
     texts = read_texts(BUILTIN_GENERAL_TEXT)
     test, _ = load_conversations(str(ROOT / "examples/dates/test.jsonl"))
+    test = test[: args.n_test]
     prompts, refs = [c[:-1] for c in test], [c[-1]["content"] for c in test]
     start = time.perf_counter()
     cpu = time.process_time()
@@ -86,10 +88,12 @@ def main() -> int:
         if base_ppl is None:
             base, _ = load_for_inference(cfg.output_dir, adapter=False)
             base_ppl = samples_nll(base, samples, tok.pad_token_id).perplexity
-            base_em = exact_match(generate(base, tok, prompts, max_new_tokens=24), refs)
+            base_em = exact_match(
+                generate(base, tok, prompts, max_new_tokens=24, batch_size=128), refs
+            )
             del base
         ppl = samples_nll(tuned, samples, tok.pad_token_id).perplexity
-        em = exact_match(generate(tuned, tok, prompts, max_new_tokens=24), refs)
+        em = exact_match(generate(tuned, tok, prompts, max_new_tokens=24, batch_size=128), refs)
         rows.append((name, ppl, em))
     print(
         f"\nforgetting on the dates task: LoRA (configs/lora.yaml), {args.steps} steps each; "
@@ -100,7 +104,10 @@ def main() -> int:
         f"wall {time.perf_counter() - start:.0f} s, CPU {time.process_time() - cpu:.0f} s, "
         f"load average {os.getloadavg()[0]:.1f}\n"
     )
-    print("| training data | general-text perplexity | change vs base | dates exact match |")
+    print(
+        f"| training data | general-text perplexity | change vs base | "
+        f"dates exact match ({len(refs)} test examples) |"
+    )
     print("| --- | --- | --- | --- |")
     print(f"| (base model, no training) | {base_ppl:.3f} | - | {base_em:.1f}% |")
     for name, ppl, em in rows:

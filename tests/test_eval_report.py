@@ -90,22 +90,21 @@ def test_report_files_hold_tables_and_embedded_images(report):
 
 
 def _chromium() -> str | None:
+    """Chromium from PATH; as root on Debian, install the `chromium` package first if missing
+    (set TUNEFORGE_NO_APT=1 to never call apt-get)."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found or os.environ.get("TUNEFORGE_NO_APT"):
+    if found or os.environ.get("TUNEFORGE_NO_APT") or not shutil.which("apt-get"):
         return found
-    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"]):
-            subprocess.run(cmd, capture_output=True, env=env, timeout=900)
-            if shutil.which("chromium"):
-                break
-        else:
-            subprocess.run(
-                ["apt-get", "install", "-y", "-q", "chromium"],
-                capture_output=True,
-                env=env,
-                timeout=900,
-            )
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "chromium"]
+    try:
+        if subprocess.run(install, capture_output=True, env=env, timeout=900).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=900)
+            subprocess.run(install, capture_output=True, env=env, timeout=900)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     return shutil.which("chromium")
 
 
