@@ -235,3 +235,14 @@ def test_load_eval_set_needs_a_reference_answer(tmp_path):
     )
     with pytest.raises(TuneforgeError, match=r"chat\.jsonl:1: the last message must be"):
         load_eval_set(str(data))
+
+
+def test_eval_help_and_conflicting_options(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--help"])
+    assert exc.value.code == 0 and "usage: tuneforge eval" in capsys.readouterr().out
+    sheet = str(tmp_path / "r.csv")
+    assert main(["eval", "--score-sheet", sheet, "--review-sheet", sheet]) == 2
+    assert "--score-sheet only reads ratings" in _one_line(capsys)
+    assert main(["eval"]) == 2
+    assert "give a RUN folder" in _one_line(capsys)

@@ -96,8 +96,10 @@ def metric_bars_png(scores: dict[str, dict[str, float]], metrics: list[str]) -> 
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(range(len(shown)), shown)
     ax.set_ylabel("score")
+    top = max(scores[s][m] for s in systems for m in shown)
+    ax.set_ylim(0, max(1.0, top) * 1.12)  # room for the bar labels
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(systems))
     ax.set_title("Task metrics: prompting baselines vs fine-tuned")
     return _figure_png(fig)
 
