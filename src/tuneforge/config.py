@@ -256,6 +256,57 @@ class TrainingConfig:
     missing_eos_penalty: float = _f(
         0.0, "ppo: subtracted from the score of a response cut at response_length (no end of turn)."
     )
+    report_to: str = _f(
+        "none",
+        "none | tensorboard: also write TensorBoard event files to <output_dir>/tensorboard "
+        "(needs the tensorboard extra).",
+        choices=("none", "tensorboard"),
+    )
+
+
+@dataclass
+class EvalConfig:
+    """`tuneforge eval`: metrics, prompting baselines, forgetting and the report."""
+
+    data: str | None = _f(
+        None, "Held-out data to evaluate on (else --data, else data.eval of the run)."
+    )
+    metrics: list[str] = _f(
+        ["exact_match", "token_f1"],
+        "Task metrics, the first one decides the verdict: exact_match, accuracy, token_f1, bleu, "
+        "chrf, rouge1, rouge2, rougeL, eval_loss, perplexity.",
+    )
+    labels: list[str] = _f(
+        [], "Label set for accuracy (empty: the distinct reference answers of the eval data)."
+    )
+    few_shot_k: int = _f(
+        3, "Training examples put in the prompt for the few-shot baselines (0: no few-shot rows)."
+    )
+    max_examples: int = _f(0, "Evaluate at most this many examples (0: all).")
+    max_new_tokens: int = _f(64, "Longest generated answer in tokens.")
+    temperature: float = _f(0.0, "Sampling temperature; 0 is greedy decoding.")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (with temperature > 0).")
+    seed: int = _f(0, "Seed for sampling, few-shot example choice and review-sheet sides.")
+    batch_size: int = _f(
+        128,
+        "Prompts generated per batch (large batches are much faster on CPU; lower if memory is short).",
+    )
+    merge_adapter: bool = _f(
+        True, "Merge LoRA weights into a copy of the base before generating (faster, same outputs)."
+    )
+    general_text: str = _f(
+        "builtin",
+        "Text for forgetting (perplexity of base vs fine-tuned): 'builtin' (the shipped "
+        "examples/general/general_text.jsonl), a file of {text} records, or 'none'.",
+    )
+    review_baseline: str = _f(
+        "best",
+        "Which prompting baseline the review sheet puts against the fine-tuned model: best | "
+        "zero_shot | few_shot.",
+        choices=("best", "zero_shot", "few_shot"),
+    )
+    report_examples: int = _f(5, "Outputs shown side by side in the report.")
+    progress: bool = _f(True, "Show a progress bar while generating.")
 
 
 @dataclass
@@ -269,10 +320,16 @@ class Config:
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     trust_remote_code: bool = _f(False, "Allow model code from the model folder (off by default).")
 
 
-SECTIONS = {"method": MethodConfig, "data": DataConfig, "training": TrainingConfig}
+SECTIONS = {
+    "method": MethodConfig,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "eval": EvalConfig,
+}
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -522,6 +579,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         except TuneforgeError as e:
             raise TuneforgeError(f"{source}: {e}") from None
     _validate_preference(cfg, bad)
+    validate_eval(cfg.eval, source)
     if m.name in ("lora", "dora"):
         if m.r < 1:
             bad("method.r", f"must be at least 1, got {m.r}")
@@ -608,6 +666,30 @@ def _validate_preference(cfg: Config, bad) -> None:
     for key in ("gamma", "lam"):
         if not 0 <= getattr(t, key) <= 1:
             bad(f"training.{key}", f"must be in [0, 1], got {getattr(t, key)}")
+
+
+def validate_eval(e: EvalConfig, source: str = "config") -> None:
+    """Range checks for the eval section."""
+    from tuneforge.eval.metrics import check_metric_names
+
+    def bad(key: str, msg: str) -> None:
+        raise TuneforgeError(f"{source}: 'eval.{key}' {msg}")
+
+    if not e.metrics:
+        bad("metrics", "must name at least one metric (e.g. [exact_match])")
+    check_metric_names(e.metrics, f"{source}: 'eval.metrics'")
+    for key in ("few_shot_k", "max_examples"):
+        if getattr(e, key) < 0:
+            bad(key, f"must be >= 0, got {getattr(e, key)}")
+    for key in ("max_new_tokens", "batch_size"):
+        if getattr(e, key) < 1:
+            bad(key, f"must be at least 1, got {getattr(e, key)}")
+    if e.temperature < 0:
+        bad("temperature", f"must be >= 0, got {e.temperature}")
+    if not 0 < e.top_p <= 1:
+        bad("top_p", f"must be in (0, 1], got {e.top_p}")
+    if e.report_examples < 0:
+        bad("report_examples", f"must be >= 0, got {e.report_examples}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,11 +1,56 @@
-"""Batched generation with a KV cache, left padding, and stop at end of turn."""
+"""Batched generation with a KV cache, left padding, and stop at end of turn.
+
+Prompts that all begin with the same tokens (the system prompt, the few-shot examples) share
+that prefix: its keys and values are computed once and copied into every batch, so only the
+part that differs is run per example. Each row is laid out as ``[shared prefix][padding][own
+suffix]``; the attention mask hides the padding and position ids follow the mask, so every token
+sits at the position it has in the unpadded prompt (``share_prefix=False`` is the plain path that
+tests compare against).
+"""
 
 from __future__ import annotations
 
+import copy
+import inspect
+import sys
+import warnings
+
 import torch
+from tqdm.auto import tqdm
 
 from tuneforge.data.render import end_of_turn_ids, render_prompt
 from tuneforge.methods import generate_tokens
+from tuneforge.methods.peft_methods import is_prompt_learning
+
+# Below this many shared tokens the copy costs more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """Length of the longest token prefix every prompt starts with."""
+    if not prompts:
+        return 0
+    first = prompts[0]
+    n = min(len(p) for p in prompts)
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache``; use whichever this version takes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def _prefix_cache(model, prefix: list[int], device: torch.device):
+    ids = torch.tensor([prefix], device=device)
+    out = model(input_ids=ids, use_cache=True)
+    return getattr(out, "past_key_values", None) or out.cache
 
 
 @torch.no_grad()
@@ -17,36 +62,81 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 32,
+    share_prefix: bool = True,
+    progress: bool = False,
+    desc: str = "generate",
 ) -> list[str]:
     """Reply to each conversation (the last message is the user's); greedy when temperature is 0.
 
     Prompts are rendered by the same template code as training (``render_prompt``).
+
+    Args:
+        model: a causal LM (plain or with a peft adapter).
+        tokenizer: its tokenizer, with a chat template.
+        conversations: one list of messages per prompt.
+        max_new_tokens: longest reply in tokens.
+        temperature: 0 for greedy decoding, else sampling with ``top_p``.
+        seed: seeds sampling (each batch draws its own seed from it).
+        batch_size: prompts per forward pass.
+        share_prefix: compute a prefix every prompt shares once (same outputs, less work).
+        progress: show a progress bar (examples done, examples/s) on stderr.
+        desc: the progress bar's label.
+
+    Returns:
+        The reply text for each conversation, in order, without the end-of-turn token.
     """
     model.eval()
     device = next(model.parameters()).device
     stop = end_of_turn_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     prompts = [render_prompt(tokenizer, c) for c in conversations]
+    # Virtual tokens (prefix / prompt tuning) sit before the prompt: no shared-prefix cache then.
+    share_prefix = share_prefix and not is_prompt_learning(model)
+    shared = common_prefix_length(prompts) if share_prefix else 0
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
+    # Leave at least one token of each prompt outside the prefix: generation starts from it.
+    shared = min(shared, min((len(p) for p in prompts), default=1) - 1)
+    prefix_cache = _prefix_cache(model, prompts[0][:shared], device) if shared > 0 else None
+    cache_key = _cache_kwarg(model)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding
     outputs: list[str] = [""] * len(prompts)
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    bar = tqdm(
+        total=len(prompts),
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        desc=desc,
+        unit="ex",
+    )
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        T = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        B = len(idx)
+        S = max(len(prompts[i]) - shared for i in idx)
+        ids = torch.full((B, shared + S), pad, dtype=torch.long)
+        mask = torch.zeros((B, shared + S), dtype=torch.long)
+        ids[:, :shared] = torch.tensor(prompts[idx[0]][:shared])
+        mask[:, :shared] = 1
         for row, i in enumerate(idx):
-            p = prompts[i]
-            ids[row, T - len(p) :] = torch.tensor(p)
-            mask[row, T - len(p) :] = 1
+            own = prompts[i][shared:]
+            ids[row, shared + S - len(own) :] = torch.tensor(own)
+            mask[row, shared + S - len(own) :] = 1
         kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
+        if prefix_cache is not None:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(B)
+            kwargs[cache_key] = cache
         if temperature > 0:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        out = generate_tokens(model, ids.to(device), mask.to(device), **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            out = generate_tokens(model, ids.to(device), mask.to(device), **kwargs)
+        T = shared + S
         for row, i in enumerate(idx):
             new = out[row, T:].tolist()
             for j, tok in enumerate(new):
@@ -54,4 +144,6 @@ def generate(
                     new = new[:j]
                     break
             outputs[i] = tokenizer.decode(new, skip_special_tokens=True)
+        bar.update(B)
+    bar.close()
     return outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import shutil
@@ -21,6 +22,7 @@ from tuneforge.train.checkpoint import list_checkpoints
 from tuneforge.train.distributed import init_from_env, shutdown
 from tuneforge.train.loop import LoopResult, Trainer
 from tuneforge.train.sft import SFTObjective
+from tuneforge.train.tensorboard import make_loggers
 
 
 def seed_everything(seed: int) -> None:
@@ -96,11 +98,19 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
             )
         )
         log(describe_trainable(model) + (f"; {dist.world} processes" if dist.enabled else ""))
+        if t.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise TuneforgeError(
+                "training.report_to is tensorboard but the tensorboard package is not installed; "
+                "pip install 'tuneforge[tensorboard]' or set training.report_to: none"
+            )
         if dist.is_main:
             if overwrite and not resume and run_dir.exists():
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, run_dir / "config.yaml")
+            loggers = make_loggers(t.report_to, run_dir)
+        else:
+            loggers = []
         dist.barrier()
         trainer = Trainer(
             model,
@@ -115,6 +125,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
             max_length=cfg.data.max_length,
             group_by_length=cfg.data.group_by_length,
             dist=dist,
+            loggers=loggers,
         )
         result = trainer.run(resume=resume)
         summary = _summary(cfg, result, data, model, resolved)

@@ -108,8 +108,10 @@ class Trainer:
         max_length: int = 0,
         group_by_length: bool = False,
         dist: Dist | None = None,
+        loggers: list | None = None,
     ):
         self.model = model
+        self.loggers = loggers or []  # e.g. TensorBoardLogger: .log(record), .close()
         self.objective = objective
         self.train_samples = train_samples
         self.eval_samples = eval_samples
@@ -353,6 +355,8 @@ class Trainer:
                 }
                 if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
                     metrics.write(json.dumps(record) + "\n")
+                    for logger in self.loggers:
+                        logger.log(record)
                 if state["bad_steps_in_row"] >= cfg.max_bad_steps:
                     metrics.flush()
                     bar.close()
@@ -399,6 +403,8 @@ class Trainer:
                         )
                         + "\n"
                     )
+                    for logger in self.loggers:
+                        logger.log({"step": step + 1, "eval_loss": eval_loss})
                     bar.write(
                         f"step {step + 1}: eval_loss {eval_loss:.4f} (best {state['best_eval_loss']:.4f} at step {state['best_step']})"
                     )
@@ -429,6 +435,8 @@ class Trainer:
                     )
                     break
         bar.close()
+        for logger in self.loggers:
+            logger.close()
         if best_state is not None and state["best_step"] != state["global_step"]:
             load_trainable_state(self.model, best_state)  # keep the best weights
         return LoopResult(
