@@ -29,13 +29,34 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class MethodConfig:
     """How the model is adapted."""
 
-    name: str = _f("lora", "full | lora: which weights train.", choices=("full", "lora"))
+    name: str = _f(
+        "lora",
+        "full | lora | qlora: which weights train (qlora: LoRA on a base held in 4 bits).",
+        choices=("full", "lora", "qlora"),
+    )
     r: int = _f(16, "LoRA rank (lora).")
     lora_alpha: float = _f(32.0, "LoRA scaling numerator; the update is scaled by lora_alpha / r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input path during training.")
     target_modules: list[str] | str = _f(
         ["q_proj", "k_proj", "v_proj", "o_proj"],
         "Module names (or suffixes) to adapt, or 'all-linear' for every linear layer but the head.",
+    )
+    quant_type: str = _f(
+        "nf4",
+        "qlora: 4-bit data type of the frozen base, nf4 (NormalFloat, for normally distributed "
+        "weights) or fp4.",
+        choices=("nf4", "fp4"),
+    )
+    double_quant: bool = _f(
+        True,
+        "qlora: quantize the per-block scales again (8-bit, blocks of 256), ~0.37 fewer bits "
+        "per weight.",
+    )
+    compute_dtype: str = _f(
+        "float32",
+        "qlora: dtype the 4-bit weights are dequantized to for each matmul (bfloat16 on GPUs "
+        "for speed; float32 on CPU).",
+        choices=("float32", "bfloat16", "float16"),
     )
 
 
@@ -113,6 +134,12 @@ class TrainingConfig:
         "cosine",
         "cosine | linear | constant (after warmup).",
         choices=("cosine", "linear", "constant"),
+    )
+    optimizer: str = _f(
+        "adamw",
+        "adamw | adamw_8bit | paged_adamw | paged_adamw_8bit (8-bit and paged: bitsandbytes; "
+        "paged needs a CUDA GPU and falls back to the unpaged one elsewhere, with a notice).",
+        choices=("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
     )
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -414,7 +441,9 @@ def validate(cfg: Config, source: str = "config") -> None:
             d.mix = parse_mix_config(d.mix)
         except TuneforgeError as e:
             raise TuneforgeError(f"{source}: {e}") from None
-    if m.name == "lora":
+    if m.name == "qlora" or t.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        _require_bitsandbytes(m.name, t.optimizer, bad)
+    if m.name in ("lora", "qlora"):
         if m.r < 1:
             bad("method.r", f"must be at least 1, got {m.r}")
         if m.lora_alpha <= 0:
@@ -425,6 +454,26 @@ def validate(cfg: Config, source: str = "config") -> None:
             m.target_modules = [t.strip() for t in m.target_modules.split(",") if t.strip()]
         if isinstance(m.target_modules, list) and not m.target_modules:
             bad("method.target_modules", "must name at least one module (or 'all-linear')")
+
+
+def _require_bitsandbytes(method: str, optimizer: str, bad) -> None:
+    """qlora and the 8-bit optimizers need bitsandbytes; say so before anything is loaded."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        return
+    install = "pip install 'tuneforge[qlora]' (bitsandbytes>=0.45)"
+    if method == "qlora":
+        bad(
+            "method.name",
+            f"qlora needs bitsandbytes, which is not installed: {install}, "
+            "or use method.name: lora",
+        )
+    bad(
+        "training.optimizer",
+        f"{optimizer} needs bitsandbytes, which is not installed: "
+        f"{install}, or use training.optimizer: adamw",
+    )
 
 
 def to_dict(cfg: Config) -> dict:
