@@ -41,7 +41,7 @@ def write_config(tmp_path, name, method, dates_rows):
     return path
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "full", "qlora"])
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path, dates_rows, method):
     clean = write_config(tmp_path, "clean", method, dates_rows)
     killed = write_config(tmp_path, "killed", method, dates_rows)
@@ -57,7 +57,7 @@ def test_sigkill_then_resume_is_bitwise_equal(tmp_path, dates_rows, method):
     )
     r = run_cli("train", str(killed), "--resume")
     assert r.returncode == 0, r.stderr
-    weights = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    weights = "model/model.safetensors" if method == "full" else "adapter/adapter_model.safetensors"
     a = load_file(str(tmp_path / "clean" / weights))
     b = load_file(str(tmp_path / "killed" / weights))
     assert a.keys() == b.keys()

@@ -25,7 +25,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
-METHODS = ("full", "lora", "dora", "ia3", "adapter", "prefix", "prompt")
+METHODS = ("full", "lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt")
 
 
 @dataclass
@@ -34,11 +34,11 @@ class MethodConfig:
 
     name: str = _f(
         "lora",
-        "full | lora | dora | ia3 | adapter | prefix | prompt: which weights train "
-        "(see the README's method table).",
+        "full | lora | qlora | dora | ia3 | adapter | prefix | prompt: which weights train "
+        "(qlora: LoRA on a base held in 4 bits; see the README's method table).",
         choices=METHODS,
     )
-    r: int = _f(16, "LoRA rank (lora, dora).")
+    r: int = _f(16, "LoRA rank (lora, qlora, dora).")
     lora_alpha: float = _f(32.0, "LoRA scaling numerator; the update is scaled by lora_alpha / r.")
     lora_dropout: float = _f(0.05, "Dropout on the LoRA input path during training.")
     target_modules: list[str] | str = _f(
@@ -89,6 +89,23 @@ class MethodConfig:
         "prompt, prefix: start from this text (repeated or cut to num_virtual_tokens): the soft "
         "prompt as its embeddings, the prefix (without prefix_projection) as the keys/values the "
         "model computes for it; unset: random vocabulary tokens instead.",
+    )
+    quant_type: str = _f(
+        "nf4",
+        "qlora: 4-bit data type of the frozen base, nf4 (NormalFloat, for normally distributed "
+        "weights) or fp4.",
+        choices=("nf4", "fp4"),
+    )
+    double_quant: bool = _f(
+        True,
+        "qlora: quantize the per-block scales again (8-bit, blocks of 256), ~0.37 fewer bits "
+        "per weight.",
+    )
+    compute_dtype: str = _f(
+        "float32",
+        "qlora: dtype the 4-bit weights are dequantized to for each matmul (bfloat16 on GPUs "
+        "for speed; float32 on CPU).",
+        choices=("float32", "bfloat16", "float16"),
     )
 
 
@@ -174,6 +191,12 @@ class TrainingConfig:
         "cosine",
         "cosine | linear | constant (after warmup).",
         choices=("cosine", "linear", "constant"),
+    )
+    optimizer: str = _f(
+        "adamw",
+        "adamw | adamw_8bit | paged_adamw | paged_adamw_8bit (8-bit and paged: bitsandbytes; "
+        "paged needs a CUDA GPU and falls back to the unpaged one elsewhere, with a notice).",
+        choices=("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"),
     )
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -580,7 +603,9 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise TuneforgeError(f"{source}: {e}") from None
     _validate_preference(cfg, bad)
     validate_eval(cfg.eval, source)
-    if m.name in ("lora", "dora"):
+    if m.name == "qlora" or t.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        _require_bitsandbytes(m.name, t.optimizer, bad)
+    if m.name in ("lora", "qlora", "dora"):
         if m.r < 1:
             bad("method.r", f"must be at least 1, got {m.r}")
         if m.lora_alpha <= 0:
@@ -597,7 +622,7 @@ def validate(cfg: Config, source: str = "config") -> None:
 def validate_method_extras(cfg: Config, bad) -> None:
     """Checks for the keys of dora / ia3 / adapter / prefix / prompt (issue 5)."""
     m = cfg.method
-    if m.use_rslora and m.name not in ("lora", "dora"):
+    if m.use_rslora and m.name not in ("lora", "qlora", "dora"):
         bad("method.use_rslora", f"applies to lora and dora only, not to '{m.name}'")
     if m.name == "ia3":
         if isinstance(m.target_modules, str) and m.target_modules != "all-linear":
@@ -690,6 +715,26 @@ def validate_eval(e: EvalConfig, source: str = "config") -> None:
         bad("top_p", f"must be in (0, 1], got {e.top_p}")
     if e.report_examples < 0:
         bad("report_examples", f"must be >= 0, got {e.report_examples}")
+
+
+def _require_bitsandbytes(method: str, optimizer: str, bad) -> None:
+    """qlora and the 8-bit optimizers need bitsandbytes; say so before anything is loaded."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        return
+    install = "pip install 'tuneforge[qlora]' (bitsandbytes>=0.45)"
+    if method == "qlora":
+        bad(
+            "method.name",
+            f"qlora needs bitsandbytes, which is not installed: {install}, "
+            "or use method.name: lora",
+        )
+    bad(
+        "training.optimizer",
+        f"{optimizer} needs bitsandbytes, which is not installed: "
+        f"{install}, or use training.optimizer: adamw",
+    )
 
 
 def to_dict(cfg: Config) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.runs import is_run, run_base_model
+from tuneforge.runs import is_run, load_quantized_run_base, quantized_run_method, run_base_model
 
 
 def merge(
@@ -18,6 +18,8 @@ def merge(
 
     The result loads with plain ``transformers`` (no tuneforge, no peft) and gives the same logits
     as the adapter-on model. The base is reloaded in fp32, never merged into rounded weights.
+    A qlora run's base is reloaded in 4 bits exactly as trained and dequantized to fp32 (the
+    weights its adapter learned against); the merge never goes back into 4-bit weights.
 
     Raises:
         TuneforgeError: not a run with an adapter, or ``out`` exists without ``overwrite``.
@@ -35,7 +37,14 @@ def merge(
     check_mergeable(run / "adapter")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise TuneforgeError(f"'{out}' already exists; pass --overwrite to replace it")
-    model, _, _ = load_model(run_base_model(run), dtype="float32", device="cpu")
+    method = quantized_run_method(run)
+    if method is not None:  # qlora: the 4-bit base as trained, dequantized to fp32 (exactly)
+        from tuneforge.methods.quantize import dequantize_base
+
+        model, _, _ = load_quantized_run_base(run, method, device="cpu")
+        model = dequantize_base(model)
+    else:
+        model, _, _ = load_model(run_base_model(run), dtype="float32", device="cpu")
     model = load_adapter(model, str(run / "adapter"))
     merged = model.merge_and_unload()
     target_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[

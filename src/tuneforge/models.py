@@ -249,11 +249,15 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     attn_implementation: str = "auto",
+    quantization=None,
 ):
     """Load ``(model, tokenizer, resolved_path)`` for a reference; see the module docstring.
 
     ``attn_implementation`` auto picks flash_attention_2 on a CUDA GPU when the flash-attn package
     is installed (packed batches then use its variable-length kernel), else SDPA.
+    ``quantization`` is a transformers quantization config (e.g. ``BitsAndBytesConfig``, see
+    ``methods/quantize.py``): weights are quantized as they load, straight onto the device;
+    ``dtype`` is then the dtype of the layers left unquantized (embeddings, norms, head).
     """
     from transformers import AutoModelForCausalLM
 
@@ -265,6 +269,9 @@ def load_model(
     torch_dtype = pick_dtype(dtype, dev)
     attn = _attn_implementation(attn_implementation, dev, torch_dtype)
     path = Path(resolved)
+    quantized = {}
+    if quantization is not None:
+        quantized = {"quantization_config": quantization, "device_map": {"": dev}}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -290,6 +297,7 @@ def load_model(
                     attn_implementation=attn,
                     trust_remote_code=trust_remote_code,
                     use_safetensors=True,  # never unpickle weights
+                    **quantized,
                 )
         tokenizer = load_tokenizer(resolved, trust_remote_code)
     except TuneforgeError:
@@ -300,7 +308,8 @@ def load_model(
     except ValueError as e:
         first = str(e).strip().splitlines()[0]
         raise TuneforgeError(f"model '{ref}': could not be loaded ({first})") from None
-    model.to(dev)
+    if not quantized:  # a quantized model was loaded onto its device (device_map)
+        model.to(dev)
     return model, tokenizer, resolved
 
 

@@ -31,6 +31,44 @@ def run_base_model(run: Path) -> str:
         raise TuneforgeError(f"{run / 'config.yaml'}: not a tuneforge run config") from None
 
 
+def quantized_run_method(run: Path):
+    """The run's ``MethodConfig`` if it trained on a 4-bit base (method qlora), else None."""
+    import dataclasses
+
+    from tuneforge.config import MethodConfig
+
+    try:
+        method = yaml.safe_load((run / "config.yaml").read_text()).get("method") or {}
+    except (yaml.YAMLError, AttributeError):
+        raise TuneforgeError(f"{run / 'config.yaml'}: not a tuneforge run config") from None
+    if not isinstance(method, dict) or method.get("name") != "qlora":
+        return None
+    names = {f.name for f in dataclasses.fields(MethodConfig)}
+    return MethodConfig(**{k: v for k, v in method.items() if k in names})
+
+
+def run_base_dtype(run: Path, dtype: str = "auto") -> str:
+    """``dtype``, or for "auto" the dtype the run's base was loaded in (its summary.json).
+
+    A 4-bit base must be quantized from the same weights as in training to get the same codes.
+    """
+    summary = run / "summary.json"
+    if dtype != "auto" or not summary.is_file():
+        return dtype
+    import json
+
+    return json.loads(summary.read_text()).get("base_dtype", dtype)
+
+
+def load_quantized_run_base(run: Path, method, dtype: str = "auto", device: str = "auto"):
+    """``(model, tokenizer, resolved)``: a qlora run's base in 4 bits, as it was trained."""
+    from tuneforge.methods.quantize import load_quantized_model
+
+    return load_quantized_model(
+        run_base_model(run), run_base_dtype(run, dtype), device, method=method
+    )
+
+
 def load_for_inference(
     ref: str,
     dtype: str = "auto",
@@ -42,7 +80,8 @@ def load_for_inference(
     """(model, tokenizer) for a run folder (base + adapter, or the full model) or a model reference.
 
     Args:
-        ref: run folder, model folder, .gguf file, alias or hub id.
+        ref: run folder, model folder, .gguf file, alias or hub id. A qlora run loads its base
+            in 4 bits, quantized as in training, with the adapter on top.
         adapter: load the run's adapter on top of its base (False: the base model alone).
         adapters: more adapters to load onto the same base, name -> run folder (or adapter
             folder). The run's own adapter is named after its folder.
@@ -65,6 +104,12 @@ def load_for_inference(
         if (path / "model" / "config.json").is_file():
             base_ref = str(path / "model") if adapter else run_base_model(path)
             model, tokenizer, _ = load_model(base_ref, dtype, device)
+        elif (method := quantized_run_method(path)) is not None:  # qlora: the 4-bit base
+            base_ref = run_base_model(path)
+            model, _, _ = load_quantized_run_base(path, method, dtype, device)
+            tokenizer = load_tokenizer(str(path / "adapter"))
+            if adapter:
+                named[adapter_name(path)] = str(path / "adapter")
         else:
             base_ref = run_base_model(path)
             model, tokenizer, _ = load_model(base_ref, dtype, device)

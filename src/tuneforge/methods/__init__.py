@@ -44,6 +44,10 @@ def apply_method(model: torch.nn.Module, cfg: MethodConfig, tokenizer=None) -> t
         from tuneforge.methods.bottleneck import apply_bottleneck
 
         return apply_bottleneck(model, cfg)
+    if cfg.name == "qlora":  # the base was loaded in 4 bits (methods/quantize.py)
+        from tuneforge.methods.quantize import apply_qlora
+
+        return apply_qlora(model, cfg)
     raise ValueError(f"unknown method {cfg.name}")  # config validation prevents this
 
 
@@ -55,7 +59,10 @@ def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        # a 4-bit weight (bitsandbytes) packs two values per element; count the weights it holds
+        total += (
+            p.numel() if getattr(p, "quant_state", None) is None else p.quant_state.shape.numel()
+        )
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total

@@ -112,13 +112,13 @@ def apply_peft_method(model: torch.nn.Module, cfg: MethodConfig, tokenizer=None)
     """
     # The user's mistakes are checked before peft is imported: importing it can print notices
     # (e.g. bitsandbytes' about missing CPU kernels) that would spoil the one-line error.
-    if cfg.name in ("lora", "dora"):
+    if cfg.name in ("lora", "dora", "qlora"):
         _check_targets(model, cfg)
     elif cfg.name == "ia3":
         _check_targets(model, cfg, list(cfg.feedforward_modules))
     from peft import get_peft_model
 
-    if cfg.name in ("lora", "dora"):
+    if cfg.name in ("lora", "dora", "qlora"):  # qlora: LoRA on a 4-bit base
         peft_cfg = lora_config(cfg)
     elif cfg.name == "ia3":
         peft_cfg = ia3_config(cfg)

@@ -8,6 +8,7 @@ import random
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     log = _log if dist.is_main else (lambda msg: None)
     try:
         seed_everything(t.seed)
-        model, tokenizer, resolved = load_model(
+        load = load_model
+        if cfg.method.name == "qlora":  # the frozen base in 4 bits (bitsandbytes)
+            from tuneforge.methods.quantize import load_quantized_model
+
+            load = partial(load_quantized_model, method=cfg.method)
+        model, tokenizer, resolved = load(
             cfg.model, t.dtype, str(device), cfg.trust_remote_code, t.attn_implementation
         )
         data = prepare_sft_data(cfg.data, tokenizer, t.seed, model=model)
@@ -178,6 +184,8 @@ def _summary(cfg: Config, r: LoopResult, data, model, resolved: str) -> dict:
         "model": cfg.model,
         "resolved_model": resolved,
         "method": cfg.method.name,
+        # the dtype the base was loaded (and, for qlora, quantized) from: merge re-loads it so
+        "base_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "steps": r.global_step,
         "total_steps": r.total_steps,
         "stopped_early": r.stopped_early,

@@ -34,10 +34,11 @@ from tuneforge.train.checkpoint import (
     trainable_state,
 )
 from tuneforge.train.distributed import Dist
+from tuneforge.train.optimizers import make_optimizer
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (every 1-D parameter)."""
+    """AdamW (``training.optimizer``); no weight decay on biases and norms (every 1-D parameter)."""
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if not p.requires_grad:
@@ -48,9 +49,8 @@ def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Op
         {"params": no_decay, "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(
-        groups, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon
-    )
+    # torch AdamW, or bitsandbytes' 8-bit / paged AdamW as training.optimizer says
+    return make_optimizer(groups, t)
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
