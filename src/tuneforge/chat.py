@@ -232,13 +232,19 @@ def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
 
     show(f"chatting with {session.label}; {HELP}\n")
     while True:
-        show(f"[{session.label}] > ")
-        line = stdin.readline()
-        if not line:
-            show("\n")
-            return
-        line = line.rstrip("\n")
-        if not interactive:
+        if interactive and stdin is sys.stdin:
+            try:
+                line = input(f"[{session.label}] > ")  # with readline's line editing
+            except EOFError:
+                show("\n")
+                return
+        else:
+            show(f"[{session.label}] > ")
+            line = stdin.readline()
+            if not line:
+                show("\n")
+                return
+            line = line.rstrip("\n")
             show(line + "\n")  # echo piped input so a transcript reads as a conversation
         if not line.strip():
             continue

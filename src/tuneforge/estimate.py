@@ -53,10 +53,13 @@ GPU_TFLOPS = {
     "T4": 65,
 }
 GPU_MFU = 0.35  # model FLOP utilisation typical of fine-tuning small batches on one GPU
-CPU_MFU = 0.35  # fraction of this machine's fp32 matmul peak a training step reaches
-# bitsandbytes' CPU path dequantizes every 4-bit weight for each matmul (forward and backward);
-# measured on the built-in model with bench/estimate_bench.py. On CUDA the kernels are fused.
-QLORA_SLOWDOWN = {"cpu": 3.0, "cuda": 1.3}
+# Fraction of the matmul probe's fp32 peak a CPU training step reaches: 0.6-0.7 measured on the
+# built-in model (bench/estimate_bench.py, CPU seconds per step).
+CPU_MFU = 0.6
+# bitsandbytes dequantizes each 4-bit weight for every matmul, forward and backward: 1.2x LoRA's
+# step time measured on CPU (bench/estimate_bench.py); the CUDA figure is an assumption (fused
+# kernels; not measured here, no GPU).
+QLORA_SLOWDOWN = {"cpu": 1.2, "cuda": 1.3}
 MEMORY_BANDWIDTH = {"cpu": 10e9, "cuda": 2e12}  # bytes/s, for the optimizer step
 
 
@@ -298,7 +301,7 @@ def trainable_params(shape: ModelShape, s: MethodSettings) -> int:
     targets = shape.targets(s.target_modules)
     if s.name == "full":
         return shape.params
-    if s.name in ("lora", "qlora"):
+    if s.name in ("lora", "rslora", "qlora"):  # rsLoRA changes the scale, not the size
         return sum(s.r * (x.in_features + x.out_features) * x.count for x in targets)
     if s.name == "dora":  # LoRA + one magnitude per output feature (Liu et al. 2024)
         lora = sum(s.r * (x.in_features + x.out_features) * x.count for x in targets)
@@ -336,7 +339,7 @@ def layer_activations(shape: ModelShape, s: MethodSettings) -> tuple[float, floa
     base = 2 * d + 2 * kv + 3 * I  # q, attention output, k, v, gate, up, silu(gate)
     if s.name == "full":
         return norm, base + 4 * d + I
-    if s.name in ("lora", "qlora", "dora"):
+    if s.name in ("lora", "rslora", "qlora", "dora"):
         extra = 0.0
         groups: dict[str, list[Linear]] = {}
         for x in shape.targets(s.target_modules):

@@ -211,11 +211,12 @@ def recommend(
             break
     fits = {k: e.fits(memory) for k, e in est.items()}
     budget = f"{gib(memory)} GiB"
-    setup = (
-        f" (at batch 1 with gradient checkpointing; nothing fits at batch {batch_size} without it)"
-        if work.gradient_checkpointing
-        else ""
-    )
+    setup = ""
+    if work.gradient_checkpointing:
+        setup = (
+            f" (at batch {work.batch_size} with gradient checkpointing: nothing fits at batch "
+            f"{batch_size} without it)"
+        )
 
     def need(key: str) -> str:
         return f"{gib(est[key].peak)} GiB"
