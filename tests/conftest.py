@@ -75,3 +75,31 @@ def run_cli(
         env={**os.environ, **(env or {})},
         timeout=600,
     )
+
+
+def train_tiny_run(tmp_path, name: str, word: str, seed: int = 0):
+    """A tiny-llama LoRA run trained hard for a few steps, so its greedy replies differ from the
+    base model's."""
+    from tuneforge.train import train
+
+    rows = [{"instruction": f"Say {i}", "output": f"{word} {i} {word}"} for i in range(16)]
+    train_file = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    cfg = tiny_config(
+        tmp_path,
+        train_file,
+        **{
+            "output_dir": str(tmp_path / name),
+            "training.max_steps": 3,
+            "training.learning_rate": 5e-2,
+            "training.seed": seed,
+        },
+    )
+    train(cfg)
+    return tmp_path / name
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_runs(tmp_path_factory):
+    """Two LoRA runs on tiny-llama (test_chat, test_serve)."""
+    tmp = tmp_path_factory.mktemp("chat")
+    return train_tiny_run(tmp, "run-a", "apple"), train_tiny_run(tmp, "run-b", "zebra", seed=1)

@@ -120,6 +120,86 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.estimate import estimate_config
+    from tuneforge.recommend import describe_workload, format_table, parse_memory
+
+    memory = parse_memory(args.memory) if args.memory else None
+    cfg = load_config(args.config, args.overrides)
+    shape, work, estimates, throughput = estimate_config(cfg, args.device, args.tflops)
+    print(describe_workload(shape, work))
+    print(f"time: {throughput}\n")
+    print(format_table(estimates, memory, cfg.method.name))
+    print(
+        f"\nlogits: the SFT loss applies the LM head only at supervised positions, "
+        f"{estimates[0].logits / 2**30:.2f} GiB at most; full (B, T, V) logits as HF computes "
+        f"them would take {estimates[0].hf_logits / 2**30:.2f} GiB at this batch."
+    )
+    print(
+        "peak = weights + AdamW state + max(activations + logits + gradients, gradients + "
+        "AdamW's step temporary)"
+        + (
+            " + 0.5 GiB CUDA context"
+            if work.device == "cuda"
+            else "; excludes the process baseline (Python, torch and libraries, ~0.5 GiB RSS)"
+        )
+    )
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from tuneforge.recommend import format_table, parse_memory, recommend
+
+    memory = parse_memory(args.memory)
+    rec = recommend(
+        args.model,
+        memory,
+        tasks=args.tasks,
+        goal=args.goal,
+        device=args.device,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        tflops=args.tflops,
+    )
+    w = rec.workload
+    print(
+        f"model {rec.shape.name}: {rec.shape.params / 1e6:.1f}M parameters; device {w.device}; "
+        f"batch {w.batch_size} x {w.seq_len} tokens"
+        + (", gradient checkpointing" if w.gradient_checkpointing else "")
+        + "\n"
+    )
+    print(format_table(rec.candidates, memory))
+    if rec.choice is None:
+        print(f"\nrecommendation: none. {rec.reason}")
+        return 1
+    print(f"\nrecommendation: {rec.choice.label}. {rec.reason}")
+    print("\n" + rec.config_snippet())
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tuneforge.chat import Sampling, chat
+    from tuneforge.runs import parse_adapter_specs
+
+    sampling = Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    chat(args.run, parse_adapter_specs(args.adapters), sampling, args.system)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tuneforge.runs import parse_adapter_specs
+    from tuneforge.serve import serve
+
+    serve(args.model, parse_adapter_specs(args.adapters), args.host, args.port, args.device)
+    return 0
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     from tuneforge.config import config_reference
 
@@ -265,6 +345,76 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
 
+    es = sub.add_parser(
+        "estimate",
+        help="estimate peak memory and time per epoch, per method, before training",
+        description="Peak memory (weights, gradients, AdamW state, activations, logits) and "
+        "time per epoch for the configured method and the alternatives side by side. Reads the "
+        "training data to size the batches; loads no weights. Overrides as in train.",
+    )
+    es.add_argument("config", help="YAML config file")
+    es.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    es.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: training.device"
+    )
+    es.add_argument("--memory", default=None, help="memory to fit in, e.g. 24GB (GB = GiB)")
+    es.add_argument(
+        "--tflops", type=float, default=None, help="peak TFLOP/s of the device (else looked up)"
+    )
+    es.set_defaults(func=cmd_estimate)
+
+    rc = sub.add_parser(
+        "recommend",
+        help="pick a fine-tuning method for a model and a memory budget",
+        description="The classic choice (limited memory -> QLoRA; several tasks -> one LoRA "
+        "adapter per task; maximum quality -> full fine-tuning if it fits; quick iteration -> "
+        "LoRA with a small r), checked against the memory estimate for your model.",
+    )
+    rc.add_argument("--model", required=True, help="alias, HF folder, .gguf or hub id")
+    rc.add_argument("--memory", required=True, help="device memory, e.g. 24GB (GB = GiB)")
+    rc.add_argument("--tasks", type=int, default=1, help="how many tasks to fine-tune for")
+    rc.add_argument("--goal", choices=("quality", "speed"), default=None)
+    rc.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if present"
+    )
+    rc.add_argument("--batch-size", type=int, default=4, help="packed rows per micro-batch")
+    rc.add_argument("--max-length", type=int, default=512, help="tokens per row")
+    rc.add_argument("--tflops", type=float, default=None, help="peak TFLOP/s of the device")
+    rc.set_defaults(func=cmd_recommend)
+
+    ch = sub.add_parser(
+        "chat",
+        help="chat in the terminal with a run's model (streaming)",
+        description="Interactive chat with the run's chat template. Commands: /adapter NAME, "
+        "/adapters, /base (adapters off), /reset, /exit.",
+    )
+    ch.add_argument("run", metavar="RUN_OR_MODEL", help="run folder or model reference")
+    ch.add_argument(
+        "--adapters", nargs="+", default=[], metavar="NAME=RUN", help="more adapters to switch to"
+    )
+    ch.add_argument("--system", default=None, help="system message for the conversation")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser(
+        "serve",
+        help="serve a run or model over an OpenAI-compatible HTTP API",
+        description="/v1/chat/completions, /v1/completions, /v1/models (streaming by "
+        "server-sent events). The request's model field picks an adapter; the base model's name "
+        "turns adapters off.",
+    )
+    sv.add_argument("model", metavar="RUN_OR_MODEL", help="run folder or model reference")
+    sv.add_argument(
+        "--adapters", nargs="+", default=[], metavar="NAME=RUN", help="adapters to serve by name"
+    )
+    sv.add_argument("--port", type=int, required=True, help="TCP port (0: pick a free one)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    sv.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    sv.set_defaults(func=cmd_serve)
+
     r = sub.add_parser(
         "config-reference", help="print every config key with its default and meaning"
     )
@@ -279,9 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     overrides = [e for e in extra if "=" in e and not e.startswith("-")]
     rest = [e for e in extra if e not in overrides]
-    if rest or (overrides and args.command not in ("train", "eval")):
+    takes_overrides = ("train", "eval", "estimate")
+    if rest or (overrides and args.command not in takes_overrides):
         parser.error(f"unrecognized arguments: {' '.join(rest or overrides)}")
-    if args.command in ("train", "eval"):
+    if args.command in takes_overrides:
         args.overrides = list(args.overrides) + overrides
     try:
         return args.func(args)

@@ -1,0 +1,199 @@
+"""The memory estimate against what torch and peft really hold, and the recommendation rules.
+
+Activation counts are checked exactly against the tensors autograd saves
+(``saved_tensors_hooks``) in a real Llama model; trainable counts against peft; the 4-bit weight
+size against bitsandbytes. Peak RSS of real training is compared in bench/estimate_bench.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.config import MethodConfig
+from tuneforge.errors import TuneforgeError
+from tuneforge.estimate import (
+    MethodSettings,
+    layer_activations,
+    model_shape,
+    trainable_params,
+)
+
+from .conftest import tiny_config, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def shape():
+    return model_shape("tiny-llama")
+
+
+def _tiny_model(layers: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tuneforge.models import resolve_model
+
+    cfg = AutoConfig.from_pretrained(resolve_model("tiny-llama"))
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+
+
+def _saved_bytes(model, T: int) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves in one SFT forward."""
+    from tuneforge.train.sft import SFTObjective
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (1, T), generator=g)
+    labels = ids.clone()
+    labels[:, : T // 2] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        SFTObjective().loss_sum(model, batch)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    "method,dropout,targets",
+    [
+        ("full", 0.0, None),
+        ("lora", 0.0, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ("lora", 0.05, ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ("lora", 0.0, "all-linear"),
+        ("lora", 0.1, "all-linear"),
+        ("lora", 0.1, ["v_proj", "down_proj"]),
+    ],
+)
+def test_layer_activations_equal_what_autograd_saves(shape, method, dropout, targets):
+    """One more decoder layer adds exactly the bytes ``layer_activations`` predicts (fp32)."""
+    from tuneforge.methods import apply_method
+
+    T = 32
+    kw = {} if targets is None else {"target_modules": targets}
+    cfg = MethodConfig(name=method, r=4, lora_dropout=dropout, **kw)
+    saved = []
+    for layers in (2, 3):
+        model = apply_method(_tiny_model(layers), cfg)
+        saved.append(_saved_bytes(model, T))
+    fp32, elems = layer_activations(shape, MethodSettings.from_config(cfg))
+    assert saved[1] - saved[0] == T * (fp32 + elems) * 4
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
+def test_trainable_counts_match_peft(shape, targets):
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    from tuneforge.methods import trainable_parameters
+
+    s = MethodSettings("lora", r=8, target_modules=targets, num_virtual_tokens=10)
+    peft_configs = {
+        "lora": LoraConfig(r=8, target_modules=targets),
+        "dora": LoraConfig(r=8, target_modules=targets, use_dora=True),
+        "ia3": IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
+        ),
+        "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10),
+        "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10),
+    }
+    for name, pc in peft_configs.items():
+        model = get_peft_model(_tiny_model(2), pc)
+        s.name = name
+        assert trainable_params(shape, s) == trainable_parameters(model)[0], name
+    s.name = "full"
+    assert trainable_params(shape, s) == trainable_parameters(_tiny_model(2))[1]
+
+
+def test_qlora_weights_match_bitsandbytes(shape):
+    """NF4 + double quantization as bitsandbytes stores it (CPU): the estimate's weight bytes
+    equal the quantized model's parameter and buffer bytes within 1%."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tuneforge.estimate import Workload, weight_bytes
+    from tuneforge.models import resolve_model
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model("tiny-llama"), quantization_config=quant, dtype=torch.float32
+    )
+    actual = model.get_memory_footprint()
+    work = Workload(device="cpu", dtype_bytes=4, batch_size=1, seq_len=8, supervised_per_batch=4)
+    predicted = weight_bytes(shape, work, MethodSettings("qlora"), trainable=0)
+    assert abs(predicted - actual) / actual < 0.01, (predicted, actual)
+
+
+def test_parse_memory():
+    from tuneforge.recommend import parse_memory
+
+    assert parse_memory("24GB") == parse_memory("24GiB") == parse_memory("24g") == 24 * 2**30
+    assert parse_memory("512MB") == 512 * 2**20
+    assert parse_memory("1.5 GB") == 1.5 * 2**30
+    for bad in ("", "lots", "-3GB", "0GB", "24 parsecs"):
+        with pytest.raises(TuneforgeError, match="not a size"):
+            parse_memory(bad)
+
+
+def test_estimate_cli_reads_data_and_lists_every_method(tmp_path, capsys):
+    from tuneforge.cli import main
+    from tuneforge.estimate import ALL_METHODS
+
+    rows = [
+        {"instruction": f"Say {i} twice", "output": f"{i} {i} " * (1 + i % 5)} for i in range(20)
+    ]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = tiny_config(tmp_path, train)
+    import yaml
+
+    from tuneforge.config import to_dict
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["estimate", str(path), "--memory", "1GB", "training.batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch 2 x" in out and "epoch: 10 micro-batches" in out
+    table = [line for line in out.splitlines() if line.startswith("| ")][2:]
+    assert [r.split("|")[1].strip().split()[0].strip("*") for r in table] == [
+        "lora",
+        *[m for m in ALL_METHODS if m != "lora"],
+    ]
+    assert "(configured)" in table[0] and all(" yes |" in r for r in table)
+    assert main(["estimate", str(path), "--memory", "lots"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --memory 'lots' is not a size")
+
+
+def test_recommend_follows_the_choice_table():
+    """Memory budgets are placed between the estimates themselves, so each rule must fire."""
+    from tuneforge.recommend import recommend
+
+    big = 1e12
+    r = recommend("tiny-llama", big, device="cpu")
+    peaks = {e.label: e.peak for e in r.candidates}
+    assert r.settings.name == "lora" and "also fits" in r.reason  # default: LoRA
+    assert recommend("tiny-llama", big, goal="quality", device="cpu").settings.name == "full"
+    quick = recommend("tiny-llama", big, goal="speed", device="cpu")
+    assert quick.settings.name == "lora" and quick.settings.r == 8
+    tasks = recommend("tiny-llama", big, tasks=3, device="cpu")
+    assert tasks.settings.name == "lora" and "3 tasks" in tasks.reason
+    # Between QLoRA's and LoRA's peak: only the 4-bit base fits.
+    tight = (peaks["qlora r16 all-linear"] + peaks["lora r16 all-linear"]) / 2
+    limited = recommend("tiny-llama", tight, device="cpu")
+    assert limited.settings.name == "qlora" and "limited memory" in limited.reason
+    assert limited.choice.peak <= tight
+    # Less than anything needs even at batch 1 with gradient checkpointing.
+    none = recommend("tiny-llama", 1e6, device="cpu")
+    assert none.choice is None and "nothing fits" in none.reason
+    with pytest.raises(TuneforgeError, match="--tasks"):
+        recommend("tiny-llama", big, tasks=0)
