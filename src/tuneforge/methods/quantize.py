@@ -26,27 +26,27 @@ MIN_QUANTIZED_SHARE = 0.5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def import_bitsandbytes():
-    """The ``bitsandbytes`` module, or a TuneforgeError saying why it cannot be used."""
+def import_bitsandbytes(needed_by: str = "method qlora", instead: str = "method.name: lora"):
+    """The ``bitsandbytes`` module, or a TuneforgeError saying why ``needed_by`` cannot use it
+    and to use ``instead``."""
     # Its CPU backend logs a warning at import about an optional hub kernel it cannot fetch.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError:
         raise TuneforgeError(
-            f"method qlora needs bitsandbytes, which is not installed: {INSTALL}, "
-            "or use method.name: lora"
+            f"{needed_by} needs bitsandbytes, which is not installed: {INSTALL}, or use {instead}"
         ) from None
     except Exception as e:  # a broken install (missing native library, CUDA mismatch)
         raise TuneforgeError(
-            f"bitsandbytes is installed but failed to load ({_first_line(e)}); reinstall it "
-            f"({INSTALL}) or use method.name: lora"
+            f"{needed_by}: bitsandbytes is installed but failed to load ({_first_line(e)}); "
+            f"reinstall it ({INSTALL}) or use {instead}"
         ) from None
     version = tuple(int(x) for x in bitsandbytes.__version__.split(".")[:2] if x.isdigit())
     if version < MIN_BITSANDBYTES:
         raise TuneforgeError(
-            f"bitsandbytes {bitsandbytes.__version__} is too old for 4-bit weights on CPU and "
-            f"for this code; {INSTALL}, or use method.name: lora"
+            f"{needed_by}: bitsandbytes {bitsandbytes.__version__} is too old (CPU support and "
+            f"this code need 0.45); {INSTALL}, or use {instead}"
         )
     return bitsandbytes
 

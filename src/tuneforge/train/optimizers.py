@@ -45,7 +45,7 @@ def make_optimizer(groups: list[dict], t: TrainingConfig) -> torch.optim.Optimiz
         return torch.optim.AdamW(groups, **kwargs)
     from tuneforge.methods.quantize import import_bitsandbytes
 
-    optim = import_bitsandbytes().optim
+    optim = import_bitsandbytes(f"training.optimizer {name}", "training.optimizer: adamw").optim
     cls = {
         "adamw_8bit": optim.AdamW8bit,
         "paged_adamw": optim.PagedAdamW,
