@@ -15,7 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 # 2 threads on the 2-core CI machine; OMP_NUM_THREADS=1 is much faster on a machine shared with
 # other jobs (spinning OpenMP threads under oversubscription).
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(
+    int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1))
+)
 
 
 @pytest.fixture(scope="session")

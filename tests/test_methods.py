@@ -176,7 +176,10 @@ def test_generation_follows_the_training_forward(family, method):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["method.name=qlorax"], "'method.name' is 'qlorax'; choose one of full, lora, dora, ia3"),
+        (
+            ["method.name=qlorax"],
+            "'method.name' is 'qlorax'; choose one of full, lora, qlora, dora, ia3",
+        ),
         (["method.name=ia3", "method.use_rslora=true"], "applies to lora and dora only"),
         (["method.name=prefix", "data.packing=true"], "is not supported with method 'prefix'"),
         (["method.name=adapter", "method.reduction_factor=0"], "must be at least 1, got 0"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import shutil
@@ -104,11 +103,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
             )
         )
         log(describe_trainable(model) + (f"; {dist.world} processes" if dist.enabled else ""))
-        if t.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-            raise TuneforgeError(
-                "training.report_to is tensorboard but the tensorboard package is not installed; "
-                "pip install 'tuneforge[tensorboard]' or set training.report_to: none"
-            )
+        if t.report_to == "tensorboard":  # fail before the run folder is touched
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError:
+                raise TuneforgeError(
+                    "training.report_to is tensorboard but the tensorboard package is not "
+                    "installed; pip install 'tuneforge[tensorboard]' or set training.report_to: none"
+                ) from None
         if dist.is_main:
             if overwrite and not resume and run_dir.exists():
                 shutil.rmtree(run_dir)
