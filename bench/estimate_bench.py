@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/estimate_bench.py                     # full, lora, qlora (~10 min here)
     .venv/bin/python bench/estimate_bench.py --methods lora --steps 2
+    .venv/bin/python bench/estimate_bench.py --estimates-only    # the estimate side alone
 
 Each method trains in its own process, through tuneforge's Trainer, on examples/instruct (packed
 rows of 512 tokens, batch 2, LoRA r16 on q/k/v/o with dropout 0.05, AdamW). On CPU memory is the
@@ -166,6 +167,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="full,lora,qlora")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument(
+        "--estimates-only", action="store_true", help="print the estimates, train nothing"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -174,6 +178,13 @@ def main() -> int:
         return 0
     methods = args.methods.split(",")
     est, work = estimates(methods)
+    if args.estimates_only:
+        print("| method | estimate MiB | est. s/step |\n| --- | --- | --- |")
+        for method in methods:
+            print(
+                f"| {method} | {est[method].peak / 2**20:.0f} | {est[method].seconds_per_step:.1f} |"
+            )
+        return 0
     measured: dict[tuple[str, str], dict] = {}
     for method in methods:
         for malloc in ("default", "mmap"):

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve_bench.py                         # built-in model, 2 rounds
     .venv/bin/python bench/serve_bench.py --model tiny-llama --rounds 1
+    .venv/bin/python bench/serve_bench.py --threads 1   # one CPU thread for generation
 
 Starts a real server process (port 0: a free loopback port), sends one warm-up request, then
 ROUNDS rounds of 32 requests at once through the `openai` client (a mix of chat and text
@@ -73,11 +74,13 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--deadline", type=float, default=600.0, help="seconds allowed per round")
+    p.add_argument("--threads", type=int, default=None, help="passed to tuneforge serve")
     args = p.parse_args()
     from openai import OpenAI
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tuneforge", "serve", args.model, "--port", "0"],
+        [sys.executable, "-m", "tuneforge", "serve", args.model, "--port", "0"]
+        + (["--threads", str(args.threads)] if args.threads else []),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -95,20 +98,20 @@ def main() -> int:
         rows = []
         rss = [rss_mib(proc.pid)]
         for _ in range(args.rounds):
-            with ThreadPoolExecutor(args.concurrency) as pool:
-                start = time.perf_counter()
-                futures = [
-                    pool.submit(one_request, client, name, i) for i in range(args.concurrency)
-                ]
-                done, late = wait(futures, timeout=args.deadline)
-                wall = time.perf_counter() - start
+            pool = ThreadPoolExecutor(args.concurrency)
+            start = time.perf_counter()
+            futures = [pool.submit(one_request, client, name, i) for i in range(args.concurrency)]
+            done, late = wait(futures, timeout=args.deadline)
+            wall = time.perf_counter() - start
+            pool.shutdown(wait=False, cancel_futures=True)  # late requests time out on their own
             ok = [f.result() for f in done if f.exception() is None]
             errors = [repr(f.exception()) for f in done if f.exception() is not None]
             rss.append(rss_mib(proc.pid))
             lat = [s for s, _ in ok]
             rows.append((len(ok), len(errors) + len(late), wall, lat, errors[:2]))
         print(
-            f"\nserver: tuneforge serve {args.model} (CPU), {args.concurrency} concurrent "
+            f"\nserver: tuneforge serve {args.model} (CPU, threads: {args.threads or 'default'}), "
+            f"{args.concurrency} concurrent "
             "requests per round (chat and completions, half streamed, max_tokens 16, greedy); "
             "generation is serialized (one model)\n"
         )

@@ -196,7 +196,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tuneforge.runs import parse_adapter_specs
     from tuneforge.serve import serve
 
-    serve(args.model, parse_adapter_specs(args.adapters), args.host, args.port, args.device)
+    serve(
+        args.model,
+        parse_adapter_specs(args.adapters),
+        args.host,
+        args.port,
+        args.device,
+        args.threads,
+    )
     return 0
 
 
@@ -413,6 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, required=True, help="TCP port (0: pick a free one)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     sv.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    sv.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for generation (default: torch's; 1 is often fastest for one "
+        "sequence of a small model on a busy machine)",
+    )
     sv.set_defaults(func=cmd_serve)
 
     r = sub.add_parser(

@@ -53,13 +53,14 @@ GPU_TFLOPS = {
     "T4": 65,
 }
 GPU_MFU = 0.35  # model FLOP utilisation typical of fine-tuning small batches on one GPU
-# Fraction of the matmul probe's fp32 peak a CPU training step reaches: 0.6-0.7 measured on the
-# built-in model (bench/estimate_bench.py, CPU seconds per step).
-CPU_MFU = 0.6
-# bitsandbytes dequantizes each 4-bit weight for every matmul, forward and backward: 1.2x LoRA's
-# step time measured on CPU (bench/estimate_bench.py); the CUDA figure is an assumption (fused
-# kernels; not measured here, no GPU).
-QLORA_SLOWDOWN = {"cpu": 1.2, "cuda": 1.3}
+# Fraction of the matmul probe's fp32 rate a CPU training step reaches, both per CPU second:
+# ~0.2 measured on the built-in model (bench/estimate_bench.py; small matmuls, elementwise ops
+# and the optimizer do not run at the big-matmul rate).
+CPU_MFU = 0.2
+# bitsandbytes dequantizes each 4-bit weight for every matmul, forward and backward: 1.2-1.6x
+# LoRA's CPU time per step measured on CPU (bench/estimate_bench.py); the CUDA figure is an
+# assumption (fused kernels; not measured here, no GPU).
+QLORA_SLOWDOWN = {"cpu": 1.4, "cuda": 1.3}
 MEMORY_BANDWIDTH = {"cpu": 10e9, "cuda": 2e12}  # bytes/s, for the optimizer step
 
 
@@ -426,15 +427,21 @@ def matmul_flops_per_second(device: str, tflops: float | None = None) -> tuple[f
                     return peak * 1e12 * GPU_MFU, f"{name}, {peak} TFLOP/s bf16 peak"
             return 100e12 * GPU_MFU, f"{name} (unknown: 100 TFLOP/s assumed; pass --tflops)"
         return 100e12 * GPU_MFU, "no GPU here: 100 TFLOP/s bf16 assumed (pass --tflops)"
+    # Timed in CPU seconds per thread, not wall seconds: on a shared machine that is the speed
+    # the step will run at whenever it has the cores (wall time stretches with the load).
+    threads = torch.get_num_threads()
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     a @ b
-    best = math.inf
-    for _ in range(10):  # the best of several: the machine's speed when it is not shared
-        start = time.perf_counter()
+    reps = 20
+    start = time.process_time()
+    for _ in range(reps):
         a @ b
-        best = min(best, time.perf_counter() - start)
-    peak = 2 * 1024**3 / best
-    return peak * CPU_MFU, f"this CPU, {peak / 1e9:.0f} GFLOP/s fp32 matmul (measured)"
+    per_thread = max(time.process_time() - start, 1e-6) / threads
+    peak = reps * 2 * 1024**3 / per_thread
+    return peak * CPU_MFU, (
+        f"this CPU, {threads} threads, {peak / 1e9:.0f} GFLOP/s fp32 matmul (measured, per CPU "
+        "second: wall time is longer while the machine is shared)"
+    )
 
 
 def flops_per_position(

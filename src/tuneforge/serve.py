@@ -435,6 +435,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     device: str = "auto",
+    threads: int | None = None,
 ) -> None:
     """Load ``ref`` (+ ``adapters``) and serve it until interrupted.
 
@@ -445,6 +446,12 @@ def serve(
 
     from tuneforge.runs import load_with_adapters
 
+    if threads is not None:
+        if threads < 1:
+            raise TuneforgeError(f"--threads must be at least 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     sock = bind(host, port)  # fail on a taken port before the slow model load
     model, tokenizer, base_name, names, _ = load_with_adapters(ref, adapters, device)
     engine = Engine(model, tokenizer, base_name, names, _model_max_context(model))
