@@ -3,7 +3,9 @@
 For each of full, lora, dora, ia3, adapter, prefix, prompt: train with its ready config
 (configs/<method>.yaml) for the same number of steps, in a separate process (so peak RSS is that
 method's own), then measure exact match on held-out examples (examples/dates/test.jsonl, never
-trained on). Prints a Markdown table; numbers are printed, never asserted.
+trained on). Prints a Markdown table; numbers are printed, never asserted. The last column is the
+1-minute load average around training (on a shared machine, tokens/s falls as it rises; this
+machine has 2 cores).
 
     python bench/methods_bench.py                      # 30 steps, 50 test examples (~15 min)
     python bench/methods_bench.py --steps 10 --n-test 20 --methods lora prefix
@@ -50,7 +52,10 @@ def child(method: str, steps: int, n_test: int, out: Path, work: Path) -> None:
         ],
     )
     cfg.data.train = str(ROOT / cfg.data.train)
+    load_before = os.getloadavg()[0]
     summary = train(cfg, overwrite=True)
+    # The machine may be shared: the 1-minute load average around training says how much.
+    load = max(load_before, os.getloadavg()[0])
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     # Every token the loop processed (no padding): the same windows the trainer used.
@@ -81,6 +86,7 @@ def child(method: str, steps: int, n_test: int, out: Path, work: Path) -> None:
         "train_s": summary["train_seconds_this_process"],
         "tokens": tokens,
         "tokens_per_s": tokens / summary["train_seconds_this_process"],
+        "load_avg": load,
         "last_train_loss": summary["last_train_loss"],
         "exact_match": exact_match(preds, [c[-1]["content"] for c in convs]),
         "n_test": len(convs),
@@ -97,14 +103,14 @@ def size(n: int) -> str:
 def table(rows: list[dict]) -> str:
     lines = [
         "| method | trainable params | % of model | adapter file | peak RSS | tokens/s | "
-        "exact match |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "exact match | load avg |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.3f}% | "
             f"{size(r['file_bytes'])} | {r['peak_rss_mib']:,.0f} MiB | {r['tokens_per_s']:.0f} | "
-            f"{r['exact_match']:.0f}% |"
+            f"{r['exact_match']:.0f}% | {r.get('load_avg', float('nan')):.1f} |"
         )
     return "\n".join(lines)
 
