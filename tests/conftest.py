@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # 2 threads on the 2-core CI machine; OMP_NUM_THREADS=1 is much faster on a machine shared with
 # other jobs (spinning OpenMP threads under oversubscription).
 torch.set_num_threads(
-    int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1))
+    int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(2, os.cpu_count() or 1))
 )
 
 
