@@ -93,9 +93,21 @@ def run_tuneforge(model, tok, train, tmp: Path) -> None:
         packing=True,
         max_length=MAX_LENGTH,
     )
-    start = time.perf_counter()
+    start = clock()
     trainer.run()
-    return model, time.perf_counter() - start
+    return model, elapsed(start)
+
+
+def clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(start: tuple[float, float]) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) since ``start``. CPU seconds
+    are the fairer measure on a machine shared with other jobs, when each system runs with one
+    thread."""
+    wall, cpu = clock()
+    return wall - start[0], cpu - start[1]
 
 
 def _hf_dataset(train, with_mask: bool):
@@ -135,9 +147,9 @@ def run_hf(model, tok, train, tmp: Path):
         train_dataset=_hf_dataset(train, True),
         data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
     )
-    start = time.perf_counter()
+    start = clock()
     trainer.train()
-    return model, time.perf_counter() - start
+    return model, elapsed(start)
 
 
 def run_trl(model, tok, train, tmp: Path):
@@ -167,9 +179,9 @@ def run_trl(model, tok, train, tmp: Path):
         processing_class=tok,
         peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
     )
-    start = time.perf_counter()
+    start = clock()
     trainer.train()
-    return trainer.model, time.perf_counter() - start
+    return trainer.model, elapsed(start)
 
 
 def useful_flops(model_cfg, train) -> float:
@@ -206,11 +218,12 @@ def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
     model, tok, train, evals = load_everything(n_train, n_eval)
     runner = {"tuneforge": run_tuneforge, "hf": run_hf, "trl": run_trl}[system]
     with tempfile.TemporaryDirectory() as tmp:
-        model, seconds = runner(model, tok, train, Path(tmp))
+        model, (seconds, cpu_seconds) = runner(model, tok, train, Path(tmp))
     loss = eval_loss(model, tok, evals)
     result = {
         "system": system,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "supervised_tokens": sum(s.supervised_token_count for s in train),
         "tokens": sum(len(s) for s in train),
         "flops": useful_flops(
@@ -282,18 +295,23 @@ def main() -> int:
         f"LoRA r16 q/k/v/o, lr 2e-4\n"
     )
     print(
-        "| system | supervised tok/s | wall s | peak RSS MB | eval loss | MFU | tok/s vs tuneforge | RSS vs tuneforge |"
+        "| system | supervised tok/s | wall s | CPU s | sup tok per CPU-s | peak RSS MB | eval loss "
+        "| MFU | tuneforge vs it (wall) | tuneforge vs it (CPU) | RSS vs tuneforge |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for system, r in results.items():
         tps = r["supervised_tokens"] / r["seconds"]
+        tpc = r["supervised_tokens"] / r["cpu_seconds"]
         mfu = r["flops"] / r["seconds"] / peak
         ratio = (ref["supervised_tokens"] / ref["seconds"]) / tps if ref else float("nan")
+        ratio_cpu = (ref["supervised_tokens"] / ref["cpu_seconds"]) / tpc if ref else float("nan")
         rss = r["peak_rss_mb"] / ref["peak_rss_mb"] if ref else float("nan")
         print(
-            f"| {NAMES[system]} | {tps:.1f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['eval_loss']:.4f} | {100 * mfu:.1f}% | tuneforge {ratio:.2f}x | {rss:.2f} |"
+            f"| {NAMES[system]} | {tps:.1f} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+            f"{tpc:.1f} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} | {100 * mfu:.1f}% | "
+            f"{ratio:.2f}x | {ratio_cpu:.2f}x | {rss:.2f} |"
         )
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 
