@@ -181,7 +181,6 @@ def test_generation_follows_the_training_forward(family, method):
             "'method.name' is 'qlorax'; choose one of full, lora, qlora, dora, ia3",
         ),
         (["method.name=ia3", "method.use_rslora=true"], "applies to lora and dora only"),
-        (["method.name=prefix", "data.packing=true"], "is not supported with method 'prefix'"),
         (["method.name=adapter", "method.reduction_factor=0"], "must be at least 1, got 0"),
         (["method.name=prompt", "method.num_virtual_tokens=0"], "must be at least 1, got 0"),
         (["method.non_linearity=swish"], "choose one of relu, gelu, silu, tanh"),

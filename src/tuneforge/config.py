@@ -639,12 +639,6 @@ def validate_method_extras(cfg: Config, bad) -> None:
             bad("method.num_virtual_tokens", f"must be at least 1, got {m.num_virtual_tokens}")
         if m.encoder_hidden_size < 0:
             bad("method.encoder_hidden_size", f"must be >= 0, got {m.encoder_hidden_size}")
-        if cfg.data.packing:
-            bad(
-                "data.packing",
-                f"is not supported with method '{m.name}' yet (its virtual tokens need "
-                "per-sample positions); set data.packing: false",
-            )
         if m.prompt_init_text is not None and not m.prompt_init_text.strip():
             bad("method.prompt_init_text", "is empty; remove it for a random initialisation")
 

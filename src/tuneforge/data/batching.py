@@ -62,17 +62,21 @@ def iterate_eval(samples: list[Sample], batch_size: int, pad_id: int) -> Iterato
 
 
 # -- packing ------------------------------------------------------------------------------------
-def pack_rows(samples: list[Sample], max_length: int, seed: int, epoch: int) -> list[list[int]]:
+def pack_rows(
+    samples: list[Sample], max_length: int, seed: int, epoch: int, per_sample: int = 0
+) -> list[list[int]]:
     """Group sample indices into rows of at most ``max_length`` tokens (first-fit decreasing).
 
     The epoch's shuffled order breaks ties, so rows differ between epochs but are fixed by seed.
+    ``per_sample`` tokens are counted in addition to each sample's own (prompt tuning puts its
+    soft prompt in front of every sample of a row).
     """
     order = epoch_order(len(samples), seed, epoch)
     order.sort(key=lambda i: -len(samples[i]))  # stable: equal lengths keep the shuffled order
     rows: list[list[int]] = []
     space: list[int] = []
     for i in order:
-        n = len(samples[i])
+        n = len(samples[i]) + per_sample
         for r, free in enumerate(space):
             if n <= free:
                 rows[r].append(i)

@@ -7,8 +7,8 @@
 | dora    | LoRA + a magnitude vector per output (Liu 2024)      | peft                 |
 | ia3     | vectors rescaling k, v and feed-forward activations  | peft                 |
 | adapter | bottleneck MLPs after attention / MLP blocks         | ours (bottleneck.py) |
-| prefix  | key/value prefixes in every layer                    | peft (+ our generate)|
-| prompt  | soft-prompt embeddings before the input              | peft (+ our generate)|
+| prefix  | key/value prefixes in every layer                    | peft (+ generate, packed rows: virtual_packing.py)|
+| prompt  | soft-prompt embeddings before the input              | peft (+ generate, packed rows: virtual_packing.py)|
 """
 
 from __future__ import annotations

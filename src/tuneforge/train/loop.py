@@ -25,6 +25,7 @@ from tuneforge.data.batching import (
 )
 from tuneforge.data.render import Sample
 from tuneforge.errors import TuneforgeError
+from tuneforge.methods.virtual_packing import packed_row_cost
 from tuneforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -130,6 +131,8 @@ class Trainer:
             getattr(getattr(model, "config", None), "_attn_implementation", "")
         ).startswith("flash")
         self._epoch_cache: dict[int, list[list]] = {}
+        # prompt tuning: each sample's soft prompt; refuses prefix tuning with flash varlen
+        self.packed_row_cost = packed_row_cost(model, self.flash_varlen) if packing else 0
         micro_per_epoch = len(self.epoch_micro_batches(0))
         self.steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation)
         self.total_steps = (
@@ -148,7 +151,9 @@ class Trainer:
             cfg = self.cfg
             size = cfg.batch_size * self.dist.world  # a global micro-batch; each rank its slice
             if self.packing:
-                rows = pack_rows(self.train_samples, self.max_length, cfg.seed, epoch)
+                rows = pack_rows(
+                    self.train_samples, self.max_length, cfg.seed, epoch, self.packed_row_cost
+                )
                 micro = [rows[i : i + size] for i in range(0, len(rows), size)]
             else:
                 micro = micro_batches(

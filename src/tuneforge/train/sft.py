@@ -7,6 +7,7 @@ import torch
 from tuneforge.data.batching import supervised_tokens
 from tuneforge.losses import causal_lm_loss_sum, selective_lm_loss_sum
 from tuneforge.methods.peft_methods import is_prompt_learning, virtual_token_count
+from tuneforge.methods.virtual_packing import is_packed, packed_forward
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -46,6 +47,12 @@ class SFTObjective:
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         base = _unwrap(model)
+        if is_prompt_learning(model) and is_packed(batch):  # methods/virtual_packing.py
+            if self._can_select(base):
+                hidden = packed_forward(model, inputs, hidden_only=True)  # (B, T, C)
+                head = base.get_output_embeddings()
+                return selective_lm_loss_sum(hidden, head.weight, batch["labels"], self.chunk_size)
+            return causal_lm_loss_sum(packed_forward(model, inputs), batch["labels"])
         # Prefix / prompt tuning add their virtual tokens in the peft wrapper, which the direct
         # decoder call would skip: they take the plain path.
         if self._can_select(base) and not is_prompt_learning(model):
