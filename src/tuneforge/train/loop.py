@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tuneforge.attention import cu_seq_lens
+from tuneforge.attention import register as register_varlen_sdpa
 from tuneforge.config import TrainingConfig
 from tuneforge.data.batching import (
     collate_packed,
@@ -25,6 +27,7 @@ from tuneforge.data.batching import (
 )
 from tuneforge.data.render import Sample
 from tuneforge.errors import TuneforgeError
+from tuneforge.methods.peft_methods import is_prompt_learning
 from tuneforge.methods.virtual_packing import packed_row_cost
 from tuneforge.train.checkpoint import (
     list_checkpoints,
@@ -127,9 +130,17 @@ class Trainer:
         self.dist = dist or Dist()
         self.group_by_length = group_by_length
         self.max_length = max_length
-        self.flash_varlen = str(
-            getattr(getattr(model, "config", None), "_attn_implementation", "")
-        ).startswith("flash")
+        attn = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
+        self.flash_varlen = attn.startswith("flash")
+        # Packed rows without flash-attn: per-sample causal SDPA (tuneforge.attention) instead of
+        # a block-diagonal mask over the whole row; eager attention adds a float mask.
+        self.varlen_sdpa = packing and attn == "sdpa" and not is_prompt_learning(model)
+        self.additive_mask = packing and attn == "eager"
+        if self.additive_mask and is_prompt_learning(model):
+            raise TuneforgeError(
+                "training.attn_implementation: eager cannot isolate packed samples for prefix or "
+                "prompt tuning; use sdpa (the default) or set data.packing: false"
+            )
         self._epoch_cache: dict[int, list[list]] = {}
         # prompt tuning: each sample's soft prompt; refuses prefix tuning with flash varlen
         self.packed_row_cost = packed_row_cost(model, self.flash_varlen) if packing else 0
@@ -176,7 +187,16 @@ class Trainer:
             return None
         if self.packing:
             rows = [[self.train_samples[i] for i in row] for row in spec]
-            return collate_packed(rows, self.pad_id, self.flash_varlen)
+            batch = collate_packed(rows, self.pad_id, self.flash_varlen or self.varlen_sdpa)
+            if self.varlen_sdpa:
+                batch["cu_seq_lens_q"] = cu_seq_lens(batch["position_ids"])
+            if self.additive_mask:  # eager attention adds the mask to the scores
+                dtype = next(self.model.parameters()).dtype
+                zero = torch.zeros((), dtype=dtype)
+                batch["attention_mask"] = torch.where(
+                    batch["attention_mask"], zero, torch.finfo(dtype).min
+                )
+            return batch
         return self.collate([self.train_samples[i] for i in spec])
 
     def autocast(self):
@@ -299,6 +319,17 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> LoopResult:
+        """Train to the end (or early stop), resuming from the latest checkpoint if asked."""
+        if not self.varlen_sdpa:
+            return self._run(resume)
+        config = self.model.config
+        config._attn_implementation = register_varlen_sdpa()
+        try:
+            return self._run(resume)
+        finally:
+            config._attn_implementation = "sdpa"
+
+    def _run(self, resume: bool = False) -> LoopResult:
         cfg = self.cfg
         metrics_path = self.run_dir / "metrics.jsonl"
         ckpt_root = self.run_dir / "checkpoints"

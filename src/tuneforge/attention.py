@@ -1,0 +1,88 @@
+"""Variable-length attention for packed rows without flash-attn (CPU, or GPUs without it).
+
+A packed row holds several samples. The plain way to keep them apart is a 4D block-diagonal mask,
+but then SDPA computes every (query, key) pair of the row — a 512-token row of three samples does
+about three times the attention work its samples need — and reads a (B, 1, T, T) mask on every
+layer. ``varlen_sdpa`` instead runs causal SDPA on each sample's own slice, the CPU counterpart of
+flash-attn's variable-length kernel: the same numbers (a test compares them), no mask, and
+attention work proportional to the sum of squared sample lengths.
+
+The sample boundaries arrive as ``cu_seq_lens_q`` (cumulative lengths over the flattened (B*T)
+positions, the layout flash-attn uses), passed through the model's keyword arguments to every
+attention layer. Without them (padded eval batches, generation) the function is plain SDPA with
+the usual mask, so a model can keep this implementation for a whole training run.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+VARLEN_SDPA = "tuneforge_varlen_sdpa"
+_registered = False
+
+
+def varlen_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: (B, H, T, D) query/key/value -> (B, T, H, D) output."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[2] != key.shape[2]:  # no packing, or a cache (generation)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    B, H, T, _ = query.shape
+    gqa = H != key.shape[1]
+    bounds = cu.tolist()
+    rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        b, s = divmod(start, T)
+        e = end - b * T
+        rows[b].append(
+            F.scaled_dot_product_attention(
+                query[b : b + 1, :, s:e],
+                key[b : b + 1, :, s:e],
+                value[b : b + 1, :, s:e],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        )
+    out = torch.cat([torch.cat(r, dim=2) for r in rows], dim=0)  # (B, H, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make ``VARLEN_SDPA`` a transformers attention implementation (once); returns its name.
+
+    Its mask function is SDPA's, so batches without ``cu_seq_lens_q`` get the usual mask.
+    """
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        AttentionInterface.register(VARLEN_SDPA, varlen_sdpa)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+        _registered = True
+    return VARLEN_SDPA
+
+
+def cu_seq_lens(position_ids: torch.Tensor) -> torch.Tensor:
+    """Sample boundaries of packed rows from their restarting position ids: cumulative lengths
+    over the flattened (B*T) positions, int32, starting at 0 (a row's padding tail, whose
+    positions also restart at 0, is one more segment)."""
+    B, T = position_ids.shape
+    starts = (position_ids == 0).nonzero()  # (n, 2): row, column, row-major
+    flat = (starts[:, 0] * T + starts[:, 1]).tolist()
+    return torch.tensor([*flat, B * T], dtype=torch.int32)

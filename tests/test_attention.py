@@ -1,0 +1,123 @@
+"""Per-sample causal SDPA for packed rows (tuneforge.attention) gives the block-mask numbers."""
+
+import pytest
+import torch
+
+from tuneforge.attention import VARLEN_SDPA, cu_seq_lens, register
+from tuneforge.data.batching import collate_packed
+from tuneforge.models import load_model
+from tuneforge.train.sft import SFTObjective
+
+from .test_batching import make_samples
+
+
+def test_cu_seq_lens_from_restarting_positions():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 3]])
+    assert cu_seq_lens(pos).tolist() == [0, 3, 5, 6, 8, 12]
+
+
+def _rows(samples):
+    return [samples[:3], samples[3:5]]  # the second row is shorter: it ends in padding
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+@torch.no_grad()
+def test_varlen_logits_equal_the_mask_path_and_each_sample_alone(name):
+    model, tok, _ = load_model(name)
+    model.eval()
+    samples = make_samples(5, seed=1)
+    masked = collate_packed(_rows(samples), tok.pad_token_id)
+    varlen = collate_packed(_rows(samples), tok.pad_token_id, flash_varlen=True)
+    varlen["cu_seq_lens_q"] = cu_seq_lens(varlen["position_ids"])
+    ref = model(**masked).logits
+    model.config._attn_implementation = register()
+    try:
+        out = model(**varlen).logits
+        # without boundaries the implementation is plain SDPA (padded batches, generation)
+        plain = model(input_ids=torch.tensor([samples[0].input_ids])).logits[0]
+    finally:
+        model.config._attn_implementation = "sdpa"
+    for b in range(2):  # where the samples are (the padding tail attends differently)
+        n = int((masked["input_ids"][b] != tok.pad_token_id).sum())
+        torch.testing.assert_close(out[b, :n], ref[b, :n], atol=1e-5, rtol=1e-4)
+    pos = 0
+    for s in samples[:3]:
+        alone = model(input_ids=torch.tensor([s.input_ids])).logits[0]
+        torch.testing.assert_close(out[0, pos : pos + len(s)], alone, atol=1e-5, rtol=1e-4)
+        pos += len(s)
+    torch.testing.assert_close(
+        plain, model(input_ids=torch.tensor([samples[0].input_ids])).logits[0]
+    )
+
+
+def test_varlen_loss_and_gradients_equal_the_mask_path():
+    torch.manual_seed(0)
+    model, tok, _ = load_model("tiny-llama")
+    model.train()
+    samples = make_samples(9, seed=2)
+    rows = [samples[:5], samples[5:]]
+    obj = SFTObjective()
+    results = []
+    for impl in ("sdpa", VARLEN_SDPA):
+        batch = collate_packed(rows, tok.pad_token_id, flash_varlen=impl != "sdpa")
+        if impl != "sdpa":
+            batch["cu_seq_lens_q"] = cu_seq_lens(batch["position_ids"])
+            register()
+        model.config._attn_implementation = impl
+        model.zero_grad()
+        loss = obj.loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    model.config._attn_implementation = "sdpa"
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-4)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_trainer_packed_first_loss_equals_padded_for_each_attention(tmp_path, dates_rows, attn):
+    """Through train(): sdpa takes the per-sample path, eager an additive mask; both give the
+    padded run's first-step loss, and the model's attention is restored afterwards."""
+    import json
+
+    from tuneforge.train import train
+
+    from .conftest import tiny_config, write_jsonl
+
+    data = write_jsonl(tmp_path / "t.jsonl", dates_rows[:12])
+    losses = {}
+    for packing in (False, True):
+        out = tmp_path / f"run-{packing}"
+        cfg = tiny_config(
+            tmp_path,
+            data,
+            **{
+                "output_dir": str(out),
+                "data.packing": packing,
+                "data.max_length": 256,
+                "training.attn_implementation": attn,
+                "training.batch_size": 12 if not packing else 4,
+                "training.max_steps": 1,
+            },
+        )
+        train(cfg)
+        first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        losses[packing] = (first["loss"], first["tokens"])
+    assert losses[True][1] == losses[False][1]
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
+
+
+def test_trainer_picks_the_per_sample_path_only_for_packed_sdpa(tmp_path):
+    from tuneforge.config import TrainingConfig
+    from tuneforge.train.loop import Trainer
+
+    model, tok, _ = load_model("tiny-llama")
+    samples = make_samples(8)
+    t = TrainingConfig(max_steps=1, progress=False)
+    args = (SFTObjective(), samples, [], t, tmp_path, tok.pad_token_id, torch.device("cpu"))
+    packed = Trainer(model, *args, packing=True, max_length=128)
+    assert packed.varlen_sdpa
+    assert "cu_seq_lens_q" in packed.make_batch(packed.window(0)[0])
+    assert "attention_mask" not in packed.make_batch(packed.window(0)[0])
+    assert not Trainer(model, *args).varlen_sdpa
