@@ -144,7 +144,7 @@ def test_fsdp2_two_processes_batch_b_equal_one_process_batch_2b(full_runs):
     a = load_file(str(root / "one" / "model" / "model.safetensors"))
     b = load_file(str(root / "two" / "model" / "model.safetensors"))
     assert "lm_head.weight" not in b and b.keys() == start.keys()
-    update_close(a, b, start)  # measured: worst 9.5e-6 of the update's norm
+    update_close(a, b, start)  # measured: worst 9.4e-6 of the update's norm
     assert all((b[k] - start[k]).abs().max() > 1e-4 for k in b)  # every weight trained
     # checkpoints: full weights, and optimizer state in the single-process layout
     for step in (2, 4):
@@ -165,7 +165,7 @@ def test_fsdp2_two_processes_batch_b_equal_one_process_batch_2b(full_runs):
             for name, t in sa.items():
                 other = ob["state"][i][name]
                 assert other.shape == t.shape  # unsharded
-                assert (other - t).norm() <= 1e-4 * t.norm(), (i, name)  # measured: 3e-6
+                assert (other - t).norm() <= 5e-4 * t.norm(), (i, name)  # measured: 7.0e-5
     # only rank 0 wrote: one metrics line per step and eval, one line per eval on the terminal
     m1 = [json.loads(x) for x in (root / "one" / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(x) for x in (root / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -175,7 +175,7 @@ def test_fsdp2_two_processes_batch_b_equal_one_process_batch_2b(full_runs):
         for key in ("loss", "grad_norm", "eval_loss"):
             assert (key in x) == (key in y)
             if key in x:
-                assert x[key] == pytest.approx(y[key], rel=1e-4), key  # measured: 1.4e-5
+                assert x[key] == pytest.approx(y[key], rel=3e-4), key  # measured: 3.9e-5
     assert (two.stdout + two.stderr).count("step 2: eval_loss") == 1
     assert sorted(p.name for p in (root / "two").iterdir()) == sorted(
         p.name for p in (root / "one").iterdir()

@@ -110,3 +110,16 @@ def test_unknown_weight_is_a_clear_error(group):
     shard_model(model, group, torch.device("cpu"))
     with pytest.raises(TuneforgeError, match="unknown weight lora_A"):
         load_full_weights(model, {"lora_A": torch.zeros(2)})
+
+
+def test_bitsandbytes_optimizer_refused_before_the_run():
+    """bitsandbytes' 8-bit AdamW fails on DTensor shards (checked: 'mixed torch.Tensor and
+    DTensor'); train() says so in one line before loading anything."""
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.train import check_fsdp_optimizer
+
+    cpu = torch.device("cpu")
+    with pytest.raises(TuneforgeError, match="training.optimizer adamw_8bit cannot update"):
+        check_fsdp_optimizer(TrainingConfig(optimizer="adamw_8bit"), cpu)
+    check_fsdp_optimizer(TrainingConfig(optimizer="adamw"), cpu)
+    check_fsdp_optimizer(TrainingConfig(optimizer="paged_adamw"), cpu)  # plain AdamW on CPU

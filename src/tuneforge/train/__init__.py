@@ -75,6 +75,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         device = torch.device(f"cuda:{dist.local_rank}")
     log = _log if dist.is_main else (lambda msg: None)
     try:
+        if dist.enabled and cfg.method.name == "full":
+            check_fsdp_optimizer(t, device)
         seed_everything(t.seed)
         load = load_model
         if cfg.method.name == "qlora":  # the frozen base in 4 bits (bitsandbytes)
@@ -168,6 +170,18 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         )
     )
     return summary
+
+
+def check_fsdp_optimizer(t, device: torch.device) -> None:
+    """FSDP2 needs an optimizer that updates DTensor shards: torch AdamW, not bitsandbytes'."""
+    from tuneforge.train.optimizers import effective_optimizer
+
+    if effective_optimizer(t.optimizer, device)[0] != "adamw":
+        raise TuneforgeError(
+            f"training.optimizer {t.optimizer} cannot update the sharded weights of full "
+            "fine-tuning on several processes (FSDP2); set training.optimizer: adamw, or run "
+            "in one process"
+        )
 
 
 def prepare_for_speed(model: torch.nn.Module, t) -> None:

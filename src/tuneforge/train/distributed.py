@@ -5,7 +5,7 @@ Each rank divides its summed loss by the units (supervised tokens) of the whole 
 and gradients are summed across ranks after backward: exactly the gradient one process would get
 with the whole window, which is what DDP computes (we all-reduce once per optimizer step instead of
 overlapping with backward; adapter gradients are small). Only rank 0 writes checkpoints, logs and
-the progress bar.
+the progress bar. Full fine-tuning shards the model instead of replicating it: see ``fsdp.py``.
 
 Launch: ``tuneforge train CONFIG --nproc N`` (spawns N local ranks), or ``torchrun --nproc-per-node
 N -m tuneforge train CONFIG`` for several nodes.
