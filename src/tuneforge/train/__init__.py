@@ -75,6 +75,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         device = torch.device(f"cuda:{dist.local_rank}")
     log = _log if dist.is_main else (lambda msg: None)
     try:
+        if dist.enabled and cfg.method.name == "full":
+            check_fsdp_optimizer(t, device)
         seed_everything(t.seed)
         load = load_model
         if cfg.method.name == "qlora":  # the frozen base in 4 bits (bitsandbytes)
@@ -88,6 +90,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         model.config.use_cache = False
         model = apply_method(model, cfg.method, tokenizer)
         prepare_for_speed(model, t)
+        sharded = dist.enabled and cfg.method.name == "full"
+        if sharded:  # FSDP2: weights, gradients and optimizer state sharded across the ranks
+            from tuneforge.train.fsdp import shard_model
+
+            shard_model(model, dist, device)
         st = data.train_stats
         log(
             f"data: {len(data.train)} training samples, {len(data.eval)} eval samples"
@@ -102,7 +109,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
                 else ""
             )
         )
-        log(describe_trainable(model) + (f"; {dist.world} processes" if dist.enabled else ""))
+        log(
+            describe_trainable(model)
+            + (f"; {dist.world} processes" if dist.enabled else "")
+            + (" (FSDP2: parameters sharded)" if sharded else "")
+        )
         if t.report_to == "tensorboard":  # fail before the run folder is touched
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -137,8 +148,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
         )
         result = trainer.run(resume=resume)
         summary = _summary(cfg, result, data, model, resolved)
+        full = None
+        if sharded:  # gathered onto rank 0; every rank joins
+            from tuneforge.train.fsdp import full_weights
+
+            full = full_weights(model, trainable_only=False)
         if dist.is_main:
-            save_trained(model, tokenizer, cfg, run_dir)
+            save_trained(model, tokenizer, cfg, run_dir, state_dict=full)
             tmp = run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(run_dir / "summary.json")
@@ -156,6 +172,18 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     return summary
 
 
+def check_fsdp_optimizer(t, device: torch.device) -> None:
+    """FSDP2 needs an optimizer that updates DTensor shards: torch AdamW, not bitsandbytes'."""
+    from tuneforge.train.optimizers import effective_optimizer
+
+    if effective_optimizer(t.optimizer, device)[0] != "adamw":
+        raise TuneforgeError(
+            f"training.optimizer {t.optimizer} cannot update the sharded weights of full "
+            "fine-tuning on several processes (FSDP2); set training.optimizer: adamw, or run "
+            "in one process"
+        )
+
+
 def prepare_for_speed(model: torch.nn.Module, t) -> None:
     """Gradient checkpointing (non-reentrant, so frozen inputs need no grad hack) and compile."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -166,13 +194,21 @@ def prepare_for_speed(model: torch.nn.Module, t) -> None:
             layer.compile(dynamic=True)
 
 
-def save_trained(model, tokenizer, cfg: Config, run_dir: Path) -> Path:
-    """Save the adapter (PEFT format) or the full model (HF folder), with the tokenizer, atomically."""
+def save_trained(
+    model, tokenizer, cfg: Config, run_dir: Path, state_dict: dict | None = None
+) -> Path:
+    """Save the adapter (PEFT format) or the full model (HF folder), with the tokenizer, atomically.
+
+    ``state_dict``: the full weights of a model sharded across ranks (FSDP2), gathered on rank 0.
+    """
     name = "model" if cfg.method.name == "full" else "adapter"
     final = run_dir / name
     tmp = run_dir / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if state_dict is None:
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from tuneforge.errors import TuneforgeError
 
@@ -35,7 +36,12 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
         )
     with torch.no_grad():
         for n, t in state.items():
-            params[n].copy_(t)
+            p = params[n]
+            if isinstance(p, DTensor) and not isinstance(t, DTensor):  # FSDP2: this rank's shard
+                t = distribute_tensor(
+                    t.to(p.device), p.device_mesh, p.placements, src_data_rank=None
+                )
+            p.copy_(t)
 
 
 def rng_state() -> dict:
@@ -80,8 +86,13 @@ def save_checkpoint(
     best_state: dict[str, torch.Tensor] | None,
     keep: int,
     rng_states: list[dict] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
     """Write ``ckpt_root/step-N`` atomically and prune the oldest beyond ``keep``.
+
+    ``weights`` and ``optimizer_state`` default to the model's trainable weights and
+    ``optimizer.state_dict()``; a sharded (FSDP2) run passes the full tensors it gathered.
 
     Raises:
         TuneforgeError: the write failed (disk full, permissions); the previous checkpoint is
@@ -96,8 +107,8 @@ def save_checkpoint(
             ckpt_root,
             tmp,
             step,
-            model,
-            optimizer,
+            weights if weights is not None else trainable_state(model),
+            optimizer_state if optimizer_state is not None else optimizer.state_dict(),
             scheduler,
             trainer_state,
             best_state,
@@ -123,8 +134,8 @@ def _write_checkpoint(
     ckpt_root: Path,
     tmp: Path,
     step: int,
-    model,
-    optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict,
     scheduler,
     trainer_state: dict,
     best_state: dict | None,
@@ -133,10 +144,10 @@ def _write_checkpoint(
 ) -> Path:
     final = ckpt_root / f"step-{step}"
     tmp.mkdir()
-    _save_tensors(trainable_state(model), tmp / "trainable.safetensors")
+    _save_tensors(weights, tmp / "trainable.safetensors")
     if best_state is not None:
         _save_tensors(best_state, tmp / "best.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"per_rank": rng_states}, tmp / "rng.pt")  # one entry per data-parallel rank
     if os.environ.get("TUNEFORGE_FAULT_KILL_IN_CHECKPOINT") == str(step):  # test hook
@@ -170,9 +181,20 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 def load_checkpoint(
     path: Path, model, optimizer, scheduler, rank: int = 0
 ) -> tuple[dict, dict | None]:
-    """Restore weights, optimizer, scheduler and RNG; returns (trainer_state, best_state)."""
-    load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    """Restore weights, optimizer, scheduler and RNG; returns (trainer_state, best_state).
+
+    A model sharded with FSDP2 loads the same full files on every rank and keeps its shard.
+    """
+    from tuneforge.train.fsdp import is_sharded, load_full_optimizer_state, load_full_weights
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
+    if is_sharded(model):
+        load_full_weights(model, weights)
+        load_full_optimizer_state(model, optimizer, optimizer_state)
+    else:
+        load_trainable_state(model, weights)
+        optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     per_rank = torch.load(path / "rng.pt", weights_only=True)["per_rank"]
     if rank >= len(per_rank):

@@ -5,7 +5,7 @@ Each rank divides its summed loss by the units (supervised tokens) of the whole 
 and gradients are summed across ranks after backward: exactly the gradient one process would get
 with the whole window, which is what DDP computes (we all-reduce once per optimizer step instead of
 overlapping with backward; adapter gradients are small). Only rank 0 writes checkpoints, logs and
-the progress bar.
+the progress bar. Full fine-tuning shards the model instead of replicating it: see ``fsdp.py``.
 
 Launch: ``tuneforge train CONFIG --nproc N`` (spawns N local ranks), or ``torchrun --nproc-per-node
 N -m tuneforge train CONFIG`` for several nodes.
@@ -80,7 +80,10 @@ def init_from_env(device_type: str = "cpu") -> Dist:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        # on GPUs, gloo still carries the CPU tensors (token counts, losses, RNG states)
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return Dist(rank, world, local_rank)
 

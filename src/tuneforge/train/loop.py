@@ -128,6 +128,8 @@ class Trainer:
         self.last_eval_metrics: dict[str, float] = {}
         self.packing = packing
         self.dist = dist or Dist()
+        # FSDP2 (full fine-tuning on several ranks): every forward and backward is a collective
+        self.sharded = self.dist.enabled and _is_sharded(model)
         self.group_by_length = group_by_length
         self.max_length = max_length
         attn = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
@@ -179,10 +181,12 @@ class Trainer:
         a = self.cfg.gradient_accumulation
         return self.epoch_micro_batches(epoch)[k * a : (k + 1) * a]
 
-    def make_batch(self, spec: list) -> dict[str, torch.Tensor] | None:
-        """This rank's slice of a global micro-batch, collated (None if the slice is empty)."""
+    def make_batch(self, spec: list, rank: int | None = None) -> dict[str, torch.Tensor] | None:
+        """This rank's (or ``rank``'s) slice of a global micro-batch, collated (None if the slice
+        is empty)."""
         b = self.cfg.batch_size
-        spec = spec[self.dist.rank * b : (self.dist.rank + 1) * b]
+        rank = self.dist.rank if rank is None else rank
+        spec = spec[rank * b : (rank + 1) * b]
         if not spec:
             return None
         if self.packing:
@@ -212,30 +216,44 @@ class Trainer:
     def accumulate_gradients(self, step: int) -> dict:
         """Forward/backward over the step's micro-batches, each loss divided by the units (e.g.
         supervised tokens) of the whole window, so 8 x 1 and 1 x 8 give the same gradient."""
-        batches = [self.make_batch(spec) for spec in self.window(step)]
-        batches = [b for b in batches if b is not None]
-        local_units = sum(self.objective.units(b) for b in batches)
+        specs = self.window(step)
+        slices = [self.make_batch(spec) for spec in specs]
+        # (batch, counts): under FSDP2 every rank runs every micro-batch (the all-gathers and
+        # reduce-scatters are collectives), so a rank whose slice is empty runs rank 0's slice
+        # as a stand-in that adds nothing.
+        if self.sharded:
+            work = [
+                (b, True) if b is not None else (self.make_batch(spec, 0), False)
+                for b, spec in zip(slices, specs, strict=True)
+            ]
+        else:
+            work = [(b, True) for b in slices if b is not None]
+        local_units = sum(self.objective.units(b) for b, counts in work if counts)
         units = int(self.dist.all_reduce_sum(local_units))  # the whole window, all ranks
         total = 0.0
         poison = step + 1 in _fault_steps("TUNEFORGE_FAULT_NAN_STEPS")  # test hook: a NaN loss
         metric_sums: dict[str, float] = {}
-        for b in batches:
+        for b, counts in work:
             with self.autocast():
                 loss_sum, metrics = split_metrics(
                     self.objective.loss_sum(self.model, self._to_device(b))
                 )
             if poison:
                 loss_sum = loss_sum * float("nan")
+            if not counts:  # an FSDP2 stand-in: joins the collectives, adds nothing
+                (loss_sum * 0.0).backward()
+                continue
             (loss_sum / max(units, 1)).backward()
             total += float(loss_sum.detach())
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:  # FSDP2 reduce-scattered in backward
             params = [p for p in self.model.parameters() if p.requires_grad]
             for p in params:  # a rank with an empty slice still joins the reduction
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             self.dist.all_reduce_grads(params)
+        if self.dist.enabled:
             total = self.dist.all_reduce_sum(total)
             metric_sums = {k: self.dist.all_reduce_sum(v) for k, v in sorted(metric_sums.items())}
         metrics = {k: v / max(units, 1) for k, v in metric_sums.items()}
@@ -244,7 +262,15 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         out = self.accumulate_gradients(step)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.cfg.max_grad_norm > 0:
+        if self.sharded:  # DTensor gradients: the global norm over all shards
+            from tuneforge.train.fsdp import grad_norm as global_grad_norm
+            from tuneforge.train.fsdp import to_float
+
+            if self.cfg.max_grad_norm > 0:
+                grad_norm = to_float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            else:
+                grad_norm = global_grad_norm(params)
+        elif self.cfg.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
         else:
             grads = [p.grad.norm() for p in params if p.grad is not None]
@@ -274,11 +300,13 @@ class Trainer:
         self.model.eval()
         total, units = 0.0, 0
         metric_sums: dict[str, float] = {}
-        for b in self._eval_batches():
+        for b, counts in self._eval_work():
             with self.autocast():
                 loss_sum, metrics = split_metrics(
                     self.objective.loss_sum(self.model, self._to_device(b))
                 )
+            if not counts:
+                continue
             total += float(loss_sum)
             units += self.objective.units(b)
             for k, v in metrics.items():
@@ -302,6 +330,19 @@ class Trainer:
         return (
             self.collate([shard[j] for j in order[i : i + bs]]) for i in range(0, len(order), bs)
         )
+
+    def _eval_work(self):
+        """(batch, counts) pairs of this rank's evaluation. Under FSDP2 every forward is a
+        collective, so every rank runs as many as rank 0 (the largest shard): the others end
+        with stand-in batches whose losses are dropped."""
+        count = 0
+        for b in self._eval_batches():
+            count += 1
+            yield b, True
+        if self.sharded:
+            rank0 = math.ceil(len(self.eval_samples) / self.dist.world)
+            for _ in range(math.ceil(rank0 / self.cfg.batch_size) - count):
+                yield self.collate(self.eval_samples[:1]), False
 
     def _eval_due(self, step: int) -> bool:
         if not self.eval_samples:
@@ -367,6 +408,7 @@ class Trainer:
         last_loss = None
         first_step = self.total_steps if stopped_early else state["global_step"]
         main = self.dist.is_main
+        say = bar.write if main else (lambda msg: None)  # tqdm.write ignores disable=
         with open(metrics_path if main else os.devnull, "a") as metrics:
             for step in range(first_step, self.total_steps):
                 t0 = time.perf_counter()
@@ -377,7 +419,7 @@ class Trainer:
                 if out.get("skipped"):
                     state["skipped_steps"] = state.get("skipped_steps", 0) + 1
                     state["bad_steps_in_row"] = state.get("bad_steps_in_row", 0) + 1
-                    bar.write(f"step {step + 1}: non-finite loss or gradient; update skipped")
+                    say(f"step {step + 1}: non-finite loss or gradient; update skipped")
                 else:
                     state["bad_steps_in_row"] = 0
                     last_loss = out["loss"]
@@ -441,7 +483,7 @@ class Trainer:
                     )
                     for logger in self.loggers:
                         logger.log({"step": step + 1, "eval_loss": eval_loss})
-                    bar.write(
+                    say(
                         f"step {step + 1}: eval_loss {eval_loss:.4f} (best {state['best_eval_loss']:.4f} at step {state['best_step']})"
                     )
                     if (
@@ -453,6 +495,8 @@ class Trainer:
                 save = self._save_due(step + 1, evaluated) or stopped_early
                 if save and not out.get("skipped"):  # never checkpoint inside a bad streak
                     rng = self.dist.gather_objects(rng_state())
+                    best = best_state if state["best_step"] != step + 1 else None
+                    full = self._gather_for_checkpoint(best)
                     if main:
                         save_checkpoint(
                             ckpt_root,
@@ -461,12 +505,14 @@ class Trainer:
                             self.optimizer,
                             self.scheduler,
                             {**state, "stopped_early": stopped_early},
-                            best_state if state["best_step"] != step + 1 else None,
+                            full.get("best", best),
                             cfg.save_total_limit,
                             rng_states=rng,
+                            weights=full.get("weights"),
+                            optimizer_state=full.get("optimizer"),
                         )
                 if stopped_early:
-                    bar.write(
+                    say(
                         f"early stopping: no eval improvement in {cfg.early_stopping_patience} evaluations"
                     )
                     break
@@ -488,6 +534,27 @@ class Trainer:
             supervised_tokens=state["supervised_tokens"],
             best_eval_metrics=state.get("best_eval_metrics", {}),
         )
+
+    def _gather_for_checkpoint(self, best: dict | None) -> dict:
+        """FSDP2: the full weights, optimizer state and best weights, gathered onto rank 0
+        (every rank must call this); ``{}`` when the model is not sharded."""
+        if not self.sharded:
+            return {}
+        from tuneforge.train.fsdp import full_optimizer_state, full_weights, gather_full
+
+        full = {
+            "weights": full_weights(self.model),
+            "optimizer": full_optimizer_state(self.model, self.optimizer),
+        }
+        if best is not None:
+            full["best"] = gather_full(best)
+        return full
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from tuneforge.train.fsdp import is_sharded
+
+    return is_sharded(model)
 
 
 def _fault_steps(name: str) -> set[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from tuneforge.data.batching import supervised_tokens
 from tuneforge.losses import causal_lm_loss_sum, selective_lm_loss_sum
@@ -38,6 +39,9 @@ class SFTObjective:
         return (
             self.selective
             and type(head) is torch.nn.Linear
+            # sharded by FSDP2: the root's forward gathers the embeddings and the tied head,
+            # which calling the decoder directly would skip
+            and not isinstance(head.weight, DTensor)
             and head.bias is None
             and not getattr(cfg, "final_logit_softcapping", None)
             and getattr(cfg, "logit_scale", None) in (None, 1.0)
