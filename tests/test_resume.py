@@ -83,3 +83,41 @@ def test_existing_output_is_never_overwritten(tmp_path, dates_rows):
     assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
     r = run_cli("train", str(cfg), "--resume")
     assert r.returncode == 2 and "no checkpoint to resume from" in r.stderr
+
+
+def test_resume_keeps_the_best_weights_when_the_checkpoint_step_was_the_best(
+    tmp_path, dates_rows, monkeypatch
+):
+    """Step 6's checkpoint holds the best eval loss (so no separate best file). The run stops right
+    after writing it; on resume the later evals are worse, and the run must end on step 6's
+    weights. Eval losses are scripted (a stand-in for a model that starts to overfit)."""
+    from tuneforge.config import load_config
+    from tuneforge.train import loop, train
+
+    scripted = [2.0, 1.0, 1.5, 1.8]  # eval losses at steps 3, 6, 9, 12
+    monkeypatch.setattr(loop.Trainer, "evaluate", lambda self: scripted.pop(0))
+
+    class Crash(Exception):
+        pass
+
+    real_save = loop.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        out = real_save(*args, **kwargs)
+        if args[1] == 6:
+            raise Crash
+        return out
+
+    path = write_config(tmp_path, "run", "lora", dates_rows)
+    cfg = load_config(str(path))
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        train(cfg)
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    step6 = load_file(str(tmp_path / "run" / "checkpoints" / "step-6" / "trainable.safetensors"))
+    assert not (tmp_path / "run" / "checkpoints" / "step-6" / "best.safetensors").exists()
+    train(cfg, resume=True)
+    final = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert len(final) == len(step6)
+    for a, b in zip(sorted(final.items()), sorted(step6.items()), strict=True):
+        assert a[1].equal(b[1]), (a[0], b[0])

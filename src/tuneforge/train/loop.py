@@ -391,6 +391,9 @@ class Trainer:
                 state, best_state = load_checkpoint(
                     ckpts[-1], self.model, self.optimizer, self.scheduler, rank=self.dist.rank
                 )
+                if best_state is None and state["best_step"] == state["global_step"]:
+                    # the checkpoint's own weights are the best so far (no best.safetensors)
+                    best_state = trainable_state(self.model)
                 if self.dist.is_main:
                     _truncate_metrics(metrics_path, state["global_step"])
         self.model.train()
