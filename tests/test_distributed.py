@@ -225,3 +225,12 @@ def test_fsdp2_resume_across_ranks(full_runs):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k].equal(b[k]), (f, k)
+
+
+def test_nproc_refuses_objectives_that_run_in_one_process():
+    r = run_cli("train", "configs/dpo.yaml", "--nproc", "2")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: --nproc: training.objective dpo runs in one process only; multi-process "
+        "training covers objective sft"
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import sys
@@ -58,6 +59,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     before the run folder is created or changed. Under torchrun / ``--nproc`` every rank runs this;
     only rank 0 writes.
     """
+    if cfg.training.objective != "sft" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TuneforgeError(
+            f"training.objective: {cfg.training.objective} runs in one process only; "
+            "drop --nproc / torchrun (multi-process training covers objective sft)"
+        )
     if objective is None and cfg.training.objective in ("reward", "dpo"):
         from tuneforge.train.preference import train_pairs
 
