@@ -66,8 +66,8 @@ def planted_texts(n: int, seed: int) -> list[str]:
 @pytest.mark.parametrize("threshold, n", [(0.85, 3000), (0.7, 600)])
 def test_near_index_gives_datasketch_candidates_and_matches(threshold, n):
     """Every record is queried and then added (exact copies too, so buckets hold several
-    records); 3000 records cross three rehashes (1024 -> 2048 -> 4096 slots per band)."""
-    index, ref = NearDuplicateIndex(threshold), ReferenceIndex(threshold)
+    records); starting from 64 slots per band, 3000 records cross five rehashes."""
+    index, ref = NearDuplicateIndex(threshold, first_slots=64), ReferenceIndex(threshold)
     assert (index.bands, index.rows) == (ref.lsh.b, ref.lsh.r)
     queries_matched = queries_rejected = 0
     for text in planted_texts(n, seed=int(threshold * 100)):
@@ -116,9 +116,9 @@ def test_deduper_keeps_and_reports_as_the_reference():
 
 def test_key_set_numbers_keys_across_rehashes_and_long_chains():
     rng = random.Random(0)
-    keys = list(dict.fromkeys(rng.getrandbits(64) for _ in range(5000)))  # > 4096 slots
+    keys = list(dict.fromkeys(rng.getrandbits(64) for _ in range(5000)))  # 64 -> 4096 slots
     keys += [(i + 1) << 40 for i in range(300)]  # all in one slot: a chain of 300
-    ks = KeySet()
+    ks = KeySet(first_slots=64)
     for i, key in enumerate(keys):
         assert ks.find(key) == -1
         assert ks.add(key) == i

@@ -4,8 +4,8 @@ the sources of kept records, held in flat arrays instead of Python objects.
 ``datasketch.MinHashLSH`` keeps, per band, a dict of bucket key -> Python set of record keys,
 plus a list of band keys per record: about 4 KB per indexed record. Here a record costs its
 signature (``num_perm`` uint32 values, 512 bytes at 128 permutations) and, per band, one int32
-link in a bucket chain plus its share of the bucket heads (4 bytes per slot, between 1 and 2
-slots per record): 600-650 bytes at 11 bands. The answers are the same as ``MinHashLSH.query``'s
+link in a bucket chain plus its share of the bucket heads (4 bytes per slot, between 0.5 and 1
+slot per record): 580-600 bytes at 11 bands. The answers are the same as ``MinHashLSH.query``'s
 (the records sharing a whole band with the query), verified and ranked as before.
 
 Buckets are chained: ``heads[band, slot]`` is the newest record whose band hashes to ``slot``
@@ -28,8 +28,15 @@ import numpy as np
 
 from tuneforge.errors import TuneforgeError
 
-_FIRST_SLOTS = 1 << 10  # bucket slots (per band) at the start; doubled when records outnumber them
+_FIRST_SLOTS = 1 << 10  # bucket slots (per band) at the start
+_MAX_LOAD = 2  # records per slot before the slots are doubled (a query walks ~1.5 per band)
 _HASH_SEED = 20240607
+
+
+def _check_slots(first_slots: int) -> int:
+    if first_slots < 1 or first_slots & (first_slots - 1):
+        raise ValueError(f"first_slots must be a power of 2, got {first_slots}")
+    return first_slots
 
 
 class _Rows:
@@ -82,12 +89,16 @@ def _chains(slots: np.ndarray, n_slots: int) -> tuple[np.ndarray, np.ndarray]:
 
 class KeySet:
     """A set of 64-bit keys (uniformly distributed, e.g. a blake2b digest), numbered in order of
-    addition: 12 bytes per key plus 4-8 bytes of bucket heads, instead of a dict's ~100."""
+    addition: 12 bytes per key plus 2-4 bytes of bucket heads, instead of a dict's ~100.
 
-    def __init__(self) -> None:
+    Args:
+        first_slots: buckets to start with (a power of 2); doubled as keys come.
+    """
+
+    def __init__(self, first_slots: int = _FIRST_SLOTS) -> None:
         self._keys = _Rows("Q", 1)
         self._links = _Rows("i", 1)
-        self._n_slots = _FIRST_SLOTS
+        self._n_slots = _check_slots(first_slots)
         self._heads = array("i", [-1]) * self._n_slots
 
     def __len__(self) -> int:
@@ -110,7 +121,7 @@ class KeySet:
         k = self._keys.append(array("Q", [key]))
         self._links.append(array("i", [self._heads[slot]]))
         self._heads[slot] = k
-        if k + 1 > self._n_slots:
+        if k + 1 > _MAX_LOAD * self._n_slots:
             self._rehash(2 * self._n_slots)
         return k
 
@@ -172,9 +183,21 @@ class NearDuplicateIndex:
     Candidates are the records that share at least one whole band with the query, as in
     ``datasketch.MinHashLSH`` (same band and row counts); the estimate is the share of equal
     signature values.
+
+    Args:
+        threshold: the estimated Jaccard similarity from which an indexed record matches.
+        ngram: words per shingle.
+        num_perm: MinHash permutations (signature length).
+        first_slots: buckets per band to start with (a power of 2); doubled as records come.
     """
 
-    def __init__(self, threshold: float = 0.85, ngram: int = 2, num_perm: int = 128):
+    def __init__(
+        self,
+        threshold: float = 0.85,
+        ngram: int = 2,
+        num_perm: int = 128,
+        first_slots: int = _FIRST_SLOTS,
+    ):
         from datasketch import MinHash, MinHashLSH
 
         if not 0 < threshold <= 1:
@@ -199,7 +222,7 @@ class NearDuplicateIndex:
         self._mult = rng.integers(0, 2**63, size=(self.bands, self.rows), dtype=np.uint64) * 2 + 1
         self._signatures = _Rows("I", num_perm, shift=11)  # 1 MB blocks at 128 permutations
         self._links = _Rows("i", self.bands)  # record k's link in band b: row k, column b
-        self._n_slots = _FIRST_SLOTS
+        self._n_slots = _check_slots(first_slots)
         self._heads = array("i", [-1]) * (self.bands * self._n_slots)  # band b's slots at b * n
         self._last: tuple[bytes, list[int]] | None = None  # the last query's slots
 
@@ -286,7 +309,7 @@ class NearDuplicateIndex:
         self._links.append(links)
         self._signatures.append(array("I", raw))
         self._last = None
-        if key + 1 > n:
+        if key + 1 > _MAX_LOAD * n:
             self._rehash(2 * n)
         return key
 
