@@ -14,8 +14,8 @@ band values, so a chain member is a candidate only if its band values equal the 
 
 Per-record arrays are lists of fixed-size ``array.array`` blocks, filled in order and never
 resized: growing one flat array by ``realloc`` left the heap fragmented (RSS 2.4x the arrays'
-bytes on the bench), and a numpy array doubled by copying peaks at 3x. Single items of an
-``array.array`` also read faster than numpy scalars.
+bytes on the bench), and a numpy array doubled by copying holds both copies at once. Single
+items of an ``array.array`` also read faster than numpy scalars.
 """
 
 from __future__ import annotations

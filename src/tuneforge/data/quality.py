@@ -5,7 +5,7 @@ collapsed). Near duplicates are found with MinHash LSH from the ``datasketch`` l
 n-gram shingles: LSH proposes candidates, and a candidate counts only if the MinHash estimate of
 the Jaccard similarity of the two shingle sets reaches the threshold (default 0.85). Records are
 streamed; the first of a cluster is kept. The index grows with the number of distinct records
-(about 650 bytes each, see lsh_index.py), not with their size.
+(about 600-650 bytes each, see lsh_index.py), not with their size.
 """
 
 from __future__ import annotations
