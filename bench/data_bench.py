@@ -4,10 +4,12 @@
     python bench/data_bench.py --skip-big      # only the dedup timing
 
 (a) ``dedup`` on N generated instruction records (default 100k; 5% exact and 5% near copies
-    planted), timed in a fresh process: records/s and what was found.
+    planted), timed in a fresh process: records/s and what was found. CPU seconds next to wall
+    seconds: on a machine shared with other jobs, wall time mostly measures the others.
 (b) peak RSS (VmHWM of a fresh process) of ``clean`` and ``dedup`` on a small file and on
     a file of a few hundred MB, next to the RSS right after imports. Streaming commands should
-    stay flat; dedup's index grows with the number of distinct records, not with their size.
+    stay flat; dedup's index grows with the number of distinct records, not with their size
+    ("per kept record": growth in bytes / records kept).
 
 Numbers are printed (a Markdown table), never asserted. Files go to a temporary folder.
 """
@@ -40,16 +42,16 @@ def peak_mb():
 
 base = peak_mb()
 cmd, src, out = sys.argv[1:4]
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 if cmd == "clean":
     rep = clean_file(src, out, CleanOptions())
     found = {"kept": rep.kept, "dropped": sum(rep.dropped.values())}
 else:
     rep = dedup_file(src, out)
     found = {"kept": rep.kept, "exact": rep.exact, "near": rep.near}
-seconds = time.perf_counter() - t
+seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
 peak = peak_mb()
-print(json.dumps({"seconds": seconds, "base_mb": base, "peak_mb": peak, **found}))
+print(json.dumps({"seconds": seconds, "cpu": cpu, "base_mb": base, "peak_mb": peak, **found}))
 """
 
 
@@ -132,19 +134,24 @@ def main() -> None:
         wall = time.perf_counter() - t0
         print("\n(a) dedup (exact + MinHash LSH near duplicates, threshold 0.85, word 2-grams)\n")
         print(
-            "| records | MB | planted exact / near | found exact / near | dedup s | process s | records/s |"
+            "| records | MB | planted exact / near | found exact / near | dedup s | dedup CPU s "
+            "| process s | records/s | records/CPU-s |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         print(
             f"| {args.records} | {src.stat().st_size / 2**20:.0f} | {planted['exact']} / "
             f"{planted['near']} | {res['exact']} / {res['near']} | {res['seconds']:.1f} | "
-            f"{wall:.1f} | {args.records / res['seconds']:.0f} |"
+            f"{res['cpu']:.1f} | {wall:.1f} | {args.records / res['seconds']:.0f} | "
+            f"{args.records / res['cpu']:.0f} |"
         )
         if args.skip_big:
             return
         print("\n(b) peak RSS of a fresh process (MB): after imports, and at the end\n")
-        print("| command | file MB | records | seconds | RSS after imports | peak RSS | growth |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print(
+            "| command | file MB | records | seconds | CPU s | RSS after imports | peak RSS "
+            "| growth | per kept record |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for label, mb in (("small", args.small_mb), ("big", args.big_mb)):
             path = tmp / f"{label}.jsonl"
             n = write_file(path, mb, 1, (150, 300))
@@ -152,9 +159,11 @@ def main() -> None:
             for cmd in ("clean", "dedup"):
                 r = run_child(cmd, path, tmp / f"{label}.{cmd}.jsonl")
                 (tmp / f"{label}.{cmd}.jsonl").unlink()
+                growth = r["peak_mb"] - r["base_mb"]
                 print(
-                    f"| {cmd} | {size:.0f} | {n} | {r['seconds']:.1f} | {r['base_mb']:.0f} | "
-                    f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} |"
+                    f"| {cmd} | {size:.0f} | {n} | {r['seconds']:.1f} | {r['cpu']:.1f} | "
+                    f"{r['base_mb']:.0f} | {r['peak_mb']:.0f} | {growth:.0f} | "
+                    f"{growth * 2**20 / r['kept']:.0f} B |"
                 )
             path.unlink()
 

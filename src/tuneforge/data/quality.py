@@ -5,7 +5,7 @@ collapsed). Near duplicates are found with MinHash LSH from the ``datasketch`` l
 n-gram shingles: LSH proposes candidates, and a candidate counts only if the MinHash estimate of
 the Jaccard similarity of the two shingle sets reaches the threshold (default 0.85). Records are
 streamed; the first of a cluster is kept. The index grows with the number of distinct records
-(a few KB each), not with their size.
+(about 600-650 bytes each, see lsh_index.py), not with their size.
 """
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from tuneforge.data.fields import map_texts, record_text, response_texts
 from tuneforge.data.io import Record
+from tuneforge.data.lsh_index import KeySet, NearDuplicateIndex, SourceList
 from tuneforge.data.records import detect_format
 from tuneforge.data.stream import atomic_output, dumps, read_stream
 from tuneforge.data.validate import check_record
@@ -180,69 +178,7 @@ def _reasons(counts: Counter) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Near duplicates: MinHash LSH (datasketch)
-
-
-def _band_key(band: bytes) -> bytes:
-    # LSH bucket keys compressed to 8 bytes (less memory per indexed record).
-    return hashlib.blake2b(band, digest_size=8).digest()
-
-
-class NearDuplicateIndex:
-    """Records' MinHash signatures in a ``datasketch.MinHashLSH``; ``matches`` returns the indexed
-    records whose estimated Jaccard similarity reaches the threshold."""
-
-    def __init__(
-        self,
-        threshold: float = DEFAULT_THRESHOLD,
-        ngram: int = DEFAULT_NGRAM,
-        num_perm: int = NUM_PERM,
-    ):
-        from datasketch import MinHash, MinHashLSH
-
-        if not 0 < threshold <= 1:
-            raise TuneforgeError(f"the similarity threshold must be in (0, 1], got {threshold}")
-        if ngram < 1:
-            raise TuneforgeError(f"the shingle size must be at least 1 word, got {ngram}")
-        self.threshold, self.ngram = threshold, ngram
-        # Weights favour recall over precision: LSH candidates are verified against the
-        # signatures below, so a false candidate costs a comparison while a missed one is a
-        # duplicate kept. At 0.85 this gives 11 bands of 11 rows: a pair with Jaccard 0.9 is a
-        # candidate with probability 0.98, one with 0.5 with probability 0.005.
-        self.lsh = MinHashLSH(
-            threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9), hashfunc=_band_key
-        )
-        # crc32 as the shingle hash: a C call, several times faster than datasketch's default
-        # sha1 from Python; the affine32 scheme mixes it (murmur3 finalizer) before permuting.
-        self._empty = MinHash(num_perm=num_perm, seed=1, hashfunc=zlib.crc32)
-        self._signatures = np.empty((1024, num_perm), dtype=self._empty.hashvalues.dtype)
-        self.size = 0
-
-    def signature(self, text: str, normalized: bool = False):
-        """The MinHash of ``text``'s shingles."""
-        m = self._empty.copy()
-        m.update_batch(shingles(text, self.ngram, normalized))
-        return m
-
-    def matches(self, signature) -> list[tuple[int, float]]:
-        """(key, estimated Jaccard) of indexed records at or above the threshold, best first."""
-        candidates = self.lsh.query(signature)
-        if not candidates:
-            return []
-        keys = np.array(candidates)
-        sims = (self._signatures[keys] == signature.hashvalues).mean(axis=1)
-        found = [(int(k), float(s)) for k, s in zip(keys, sims, strict=True) if s >= self.threshold]
-        return sorted(found, key=lambda x: (-x[1], x[0]))
-
-    def add(self, signature) -> int:
-        """Index a signature; returns its key (0, 1, 2, ... in order of addition)."""
-        key = self.size
-        if key == len(self._signatures):
-            self._signatures = np.concatenate([self._signatures, np.empty_like(self._signatures)])
-        self._signatures[key] = signature.hashvalues
-        self.lsh.insert(key, signature, check_duplication=False)
-        self.size += 1
-        return key
+# Near duplicates: MinHash LSH (datasketch's MinHash; the compact index is in lsh_index.py)
 
 
 @dataclass
@@ -275,31 +211,34 @@ class Deduper:
     def __init__(
         self, threshold: float = DEFAULT_THRESHOLD, ngram: int = DEFAULT_NGRAM, near: bool = True
     ):
-        self._exact: dict[int, int] = {}  # exact key -> kept index
-        self._kept: list[str] = []  # kept index -> source
-        self._near_key: list[int] = []  # near-index key -> kept index
-        self.index = NearDuplicateIndex(threshold, ngram) if near else None
+        self._exact = KeySet()  # exact key -> kept index
+        self._kept = SourceList()  # kept index -> source
+        self.index = NearDuplicateIndex(threshold, ngram) if near else None  # key = kept index
 
     def check(self, text: str, source: str) -> Duplicate | None:
         """None if ``text`` is new (it is remembered), else what it duplicates."""
         norm = normalize_for_match(text)
         key = exact_key(norm, normalized=True)
-        if key in self._exact:
-            return Duplicate(source, self._kept[self._exact[key]], "exact", 1.0)
+        first = self._exact.find(key)
+        if first >= 0:
+            return Duplicate(source, self._kept[first], "exact", 1.0)
         signature = None
         if self.index is not None:
             signature = self.index.signature(norm, normalized=True)
             found = self.index.matches(signature)
             if found:
-                near_key, sim = found[0]
-                return Duplicate(source, self._kept[self._near_key[near_key]], "near", sim)
-        kept = len(self._kept)
+                first, sim = found[0]
+                return Duplicate(source, self._kept[first], "near", sim)
         self._kept.append(source)
-        self._exact[key] = kept
+        self._exact.add(key)
         if signature is not None:
             self.index.add(signature)
-            self._near_key.append(kept)
         return None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the index arrays (kept sources not counted)."""
+        return self._exact.nbytes + (self.index.nbytes if self.index is not None else 0)
 
 
 def dedup_records(
