@@ -1,5 +1,6 @@
 """Side-by-side SFT speed benchmark: tuneforge vs HF Trainer + peft (padded) vs TRL SFTTrainer
 (packed), on the built-in model, the same samples, the same LoRA settings, fp32, no checkpointing.
+Peak RSS is the peak while training (VmHWM reset after loading), without the shared eval.
 
     .venv/bin/python bench/sft_bench.py            # full run (~10 min on 2 cores)
     .venv/bin/python bench/sft_bench.py --n-train 24 --n-eval 8   # smoke run
@@ -213,12 +214,26 @@ def matmul_peak(threads: int) -> float:
     return best
 
 
+def reset_peak_rss() -> None:
+    """Linux: restart the process's peak resident set (VmHWM) from its current size."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
     torch.manual_seed(0)
     model, tok, train, evals = load_everything(n_train, n_eval)
     runner = {"tuneforge": run_tuneforge, "hf": run_hf, "trl": run_trl}[system]
     with tempfile.TemporaryDirectory() as tmp:
+        reset_peak_rss()  # the training peak: the model is loaded, the shared eval comes after
         model, (seconds, cpu_seconds) = runner(model, tok, train, Path(tmp))
+        train_peak = peak_rss_mb()
     loss = eval_loss(model, tok, evals)
     result = {
         "system": system,
@@ -230,7 +245,7 @@ def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
             model.config if hasattr(model, "config") else model.base_model.config, train
         ),
         "eval_loss": loss,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": train_peak,
         "samples": len(train),
     }
     out.write_text(json.dumps(result))
