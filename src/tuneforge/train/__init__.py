@@ -17,10 +17,11 @@ from tuneforge.config import Config, dump_config
 from tuneforge.data.dataset import prepare_sft_data
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods import apply_method, describe_trainable, trainable_parameters
-from tuneforge.models import load_model, pick_device
+from tuneforge.models import load_model, pick_device, weights_dtype
 from tuneforge.train.checkpoint import list_checkpoints
 from tuneforge.train.distributed import init_from_env, shutdown
 from tuneforge.train.loop import LoopResult, Trainer
+from tuneforge.train.memory import return_freed_memory
 from tuneforge.train.sft import SFTObjective
 from tuneforge.train.tensorboard import make_loggers
 
@@ -58,6 +59,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     before the run folder is created or changed. Under torchrun / ``--nproc`` every rank runs this;
     only rank 0 writes.
     """
+    return_freed_memory()  # glibc: freed tensors go back to the system (train/memory.py)
     if objective is None and cfg.training.objective in ("reward", "dpo"):
         from tuneforge.train.preference import train_pairs
 
@@ -187,7 +189,7 @@ def _summary(cfg: Config, r: LoopResult, data, model, resolved: str) -> dict:
         "resolved_model": resolved,
         "method": cfg.method.name,
         # the dtype the base was loaded (and, for qlora, quantized) from: merge re-loads it so
-        "base_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "base_dtype": str(weights_dtype(model)).removeprefix("torch."),
         "steps": r.global_step,
         "total_steps": r.total_steps,
         "stopped_early": r.stopped_early,

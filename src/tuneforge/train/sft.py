@@ -7,6 +7,7 @@ import torch
 from tuneforge.data.batching import supervised_tokens
 from tuneforge.losses import causal_lm_loss_sum, selective_lm_loss_sum
 from tuneforge.methods.peft_methods import is_prompt_learning, virtual_token_count
+from tuneforge.methods.quantize_embed import QuantizedHead, head_weight
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -36,7 +37,7 @@ class SFTObjective:
         cfg = base.config
         return (
             self.selective
-            and type(head) is torch.nn.Linear
+            and type(head) in (torch.nn.Linear, QuantizedHead)
             and head.bias is None
             and not getattr(cfg, "final_logit_softcapping", None)
             and getattr(cfg, "logit_scale", None) in (None, 1.0)
@@ -51,7 +52,8 @@ class SFTObjective:
         if self._can_select(base) and not is_prompt_learning(model):
             hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, C)
             head = base.get_output_embeddings()
-            return selective_lm_loss_sum(hidden, head.weight, batch["labels"], self.chunk_size)
+            weight = head_weight(head)
+            return selective_lm_loss_sum(hidden, weight, batch["labels"], self.chunk_size)
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
         # Prompt tuning returns logits for its virtual tokens first: (B, n_virtual + T, V).
         logits = logits[:, virtual_token_count(model) :]
