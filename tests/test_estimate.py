@@ -192,8 +192,11 @@ def test_estimate_cli_reads_data_and_lists_every_method(tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("error: --memory 'lots' is not a size")
 
 
-def test_recommend_follows_the_choice_table():
+def test_recommend_follows_the_choice_table(tmp_path):
     """Memory budgets are placed between the estimates themselves, so each rule must fire."""
+    from transformers import AutoConfig
+
+    from tuneforge.models import resolve_model
     from tuneforge.recommend import recommend
 
     big = 1e12
@@ -205,9 +208,17 @@ def test_recommend_follows_the_choice_table():
     assert quick.settings.name == "lora" and quick.settings.r == 8
     tasks = recommend("tiny-llama", big, tasks=3, device="cpu")
     assert tasks.settings.name == "lora" and "3 tasks" in tasks.reason
-    # Between QLoRA's and LoRA's peak: only the 4-bit base fits.
+    # tiny-llama's weights are mostly its 49152 x 64 embedding: in 4 bits it saves less than the
+    # head's dequantized temporary costs, so QLoRA never needs less than LoRA there (checked).
+    assert peaks["qlora r16 all-linear"] > peaks["lora r16 all-linear"]
+    # A shape (config only, built on the meta device) whose weights are mostly linear layers:
+    # between QLoRA's and LoRA's peak, only the 4-bit base fits.
+    cfg = AutoConfig.from_pretrained(resolve_model("tiny-llama"))
+    cfg.update({"vocab_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4})
+    cfg.save_pretrained(tmp_path)
+    peaks = {e.label: e.peak for e in recommend(str(tmp_path), big, device="cpu").candidates}
     tight = (peaks["qlora r16 all-linear"] + peaks["lora r16 all-linear"]) / 2
-    limited = recommend("tiny-llama", tight, device="cpu")
+    limited = recommend(str(tmp_path), tight, device="cpu")
     assert limited.settings.name == "qlora" and "limited memory" in limited.reason
     assert limited.choice.peak <= tight
     # Less than anything needs even at batch 1 with gradient checkpointing.
