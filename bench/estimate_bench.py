@@ -14,8 +14,11 @@ steps; "measured" is the peak RSS of the steps (VmHWM) minus the baseline. The e
 leaves out the baseline (it counts only model, optimizer and step memory). The peak over the whole
 process, loading included, is printed too.
 
-qlora: the base is quantized here with transformers' BitsAndBytesConfig (NF4, double
-quantization, fp32 compute) and gets the same LoRA through tuneforge's apply_method.
+qlora: the base is loaded as tuneforge.train loads it (methods.quantize.load_quantized_model:
+NF4, double quantization, fp32 compute, the tied embedding / head in 4 bits too) and gets the
+same LoRA through tuneforge's apply_method. Each method runs twice: "tuneforge" fixes glibc's mmap
+threshold first, as tuneforge.train.train does (train/memory.py); "glibc" keeps the C library's
+defaults (a MALLOC_* environment is removed for both).
 Numbers are printed, not asserted.
 """
 
@@ -32,6 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# tuneforge: as tuneforge.train.train runs, glibc's mmap threshold fixed at 128 KiB
+# (train/memory.py); glibc: the C library's defaults (dynamic threshold), for comparison.
+MALLOCS = ("tuneforge", "glibc")
 CONFIG = {
     "model": "smollm2-135m-instruct",
     "output_dir": "/tmp/unused",
@@ -54,36 +60,11 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def load_qlora_base(ref: str):
-    import bitsandbytes as bnb
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def child(method: str, steps: int, out: Path, malloc: str) -> None:
+    if malloc == "tuneforge":  # what tuneforge.train.train does first (train/memory.py)
+        from tuneforge.train.memory import return_freed_memory
 
-    from tuneforge.models import load_tokenizer, resolve_model
-
-    path = resolve_model(ref)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=quant, dtype=torch.float32, device_map="cpu"
-    )
-    # The weights left in fp32 (embeddings, norms) are zero-copy views of the memory-mapped fp32
-    # checkpoint, which quantization read in full: they keep ~450 MiB of file pages resident
-    # (clean page cache, counted in RSS). Copy them out so the mapping is released; a GPU run
-    # copies them off the file the same way.
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if not isinstance(p, bnb.nn.Params4bit):
-                p.data = p.data.clone()
-    gc.collect()
-    return model, load_tokenizer(path)
-
-
-def child(method: str, steps: int, out: Path) -> None:
+        assert return_freed_memory()
     import bitsandbytes  # noqa: F401  (imported before the baseline, as qlora needs it)
     import peft  # noqa: F401
     import torch
@@ -102,8 +83,13 @@ def child(method: str, steps: int, out: Path) -> None:
     data = prepare_sft_data(cfg.data, tok, cfg.training.seed)
     gc.collect()
     baseline = rss_kib("VmRSS")
-    if method == "qlora":
-        model, _ = load_qlora_base(cfg.model)
+    if method == "qlora":  # as tuneforge.train loads it: NF4 + double quant, embedding/head too
+        from tuneforge.config import MethodConfig
+        from tuneforge.methods.quantize import load_quantized_model
+
+        model, _, _ = load_quantized_model(
+            cfg.model, "float32", "cpu", method=MethodConfig(name="qlora")
+        )
     else:
         model, _, _ = load_model(cfg.model, "float32", "cpu")
     model.config.use_cache = False
@@ -172,9 +158,10 @@ def main() -> int:
     )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--malloc", default="tuneforge", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, args.steps, Path(args.out))
+        child(args.child, args.steps, Path(args.out), args.malloc)
         return 0
     methods = args.methods.split(",")
     est, work = estimates(methods)
@@ -187,16 +174,13 @@ def main() -> int:
         return 0
     measured: dict[tuple[str, str], dict] = {}
     for method in methods:
-        for malloc in ("default", "mmap"):
+        for malloc in MALLOCS:
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
                 out = Path(f.name)
             cmd = [sys.executable, __file__, "--child", method, "--out", str(out)]
-            cmd += ["--steps", str(args.steps)]
-            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-            if malloc == "mmap":
-                # glibc serves allocations >= 128 KiB by mmap and returns them on free, so RSS
-                # follows live tensors instead of keeping freed heap pages.
-                env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+            cmd += ["--steps", str(args.steps), "--malloc", malloc]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+            env["TOKENIZERS_PARALLELISM"] = "false"
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0:
                 print(f"{method} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
@@ -210,8 +194,9 @@ def main() -> int:
         f"{args.steps} steps; MiB above the process baseline (imports + data, before model load)\n"
     )
     print(
-        "| method | estimate MiB | measured MiB (glibc default) | estimate / measured | "
-        "measured MiB (MALLOC_MMAP_THRESHOLD_=128K) | estimate / measured | "
+        "| method | estimate MiB | measured MiB (tuneforge: mmap threshold fixed) | "
+        "estimate / measured | measured MiB (glibc default, threshold not set) | "
+        "estimate / measured | "
         "whole-process peak MiB | est. s/step | measured s/step (wall) | CPU s/step / threads |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -219,14 +204,14 @@ def main() -> int:
         e = est[method]
         peak_mib = e.peak / 2**20
         cells = [method, f"{peak_mib:.0f}"]
-        for malloc in ("default", "mmap"):
+        for malloc in MALLOCS:
             m = measured.get((method, malloc))
             cells += (
                 [f"{m['train_peak_mib']:.0f}", f"{peak_mib / m['train_peak_mib']:.2f}"]
                 if m
                 else ["failed", "-"]
             )
-        m = measured.get((method, "default")) or measured.get((method, "mmap"))
+        m = measured.get((method, "tuneforge")) or measured.get((method, "glibc"))
         if m:
             median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
             whole = max(m["load_peak_mib"], m["train_peak_mib"])

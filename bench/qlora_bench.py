@@ -3,11 +3,12 @@ costs and gives against the same LoRA run (configs/lora.yaml vs configs/qlora.ya
 
     .venv/bin/python bench/qlora_bench.py    # 63 min on the shared 2-core machine (load ~10)
     .venv/bin/python bench/qlora_bench.py --model tiny-llama --steps 2 --n-test 8   # smoke run
+    .venv/bin/python bench/qlora_bench.py --methods qlora    # the QLoRA run only
 
 1. Bytes per parameter of the frozen base, counted tensor by tensor as held in memory
    (methods.quantize.base_footprint): packed 4-bit codes, absmax / nested-absmax / code-table /
-   offset constants, and the layers that stay in full precision (embeddings, norms, rotary
-   buffers). "Linear layers" are the decoder's linear layers (what bitsandbytes quantizes);
+   offset constants, and the layers that stay in full precision (norms, rotary buffers, and
+   the embedding / head unless method.quantize_embeddings holds them in 4 bits). "Linear layers" are the decoder's linear layers (what bitsandbytes quantizes);
    "whole model" adds everything else. Parameters are those of the original model.
 2. The same LoRA (r 16, q/k/v/o, lr 1e-3, batch 8, seed 42) trained for the same steps on a fp32
    base and on an NF4 + double-quant base, each in its own process: peak RSS of that process
@@ -43,12 +44,21 @@ def footprint_rows(model_ref: str) -> list[tuple[str, dict]]:
         model, _, _ = load_model(model_ref, dtype=dtype, device="cpu")
         rows.append((name, base_footprint(model)))
         del model
-    for name, dq, dtype in (
-        ("NF4, rest fp32", False, "float32"),
-        ("NF4 + double quant, rest fp32 (CPU)", True, "float32"),
-        ("NF4 + double quant, rest bf16 (GPU)", True, "bfloat16"),
+    for name, dq, dtype, embed in (
+        ("NF4 linears, rest fp32", False, "float32", False),
+        ("NF4 + double quant linears, rest fp32", True, "float32", False),
+        ("NF4 + double quant linears, rest bf16", True, "bfloat16", False),
+        (
+            "NF4 + double quant linears + embedding/head, norms fp32 (default)",
+            True,
+            "float32",
+            True,
+        ),
+        ("NF4 + double quant linears + embedding/head, norms bf16", True, "bfloat16", True),
     ):
-        method = MethodConfig(name="qlora", quant_type="nf4", double_quant=dq)
+        method = MethodConfig(
+            name="qlora", quant_type="nf4", double_quant=dq, quantize_embeddings=embed
+        )
         model, _, _ = load_quantized_model(model_ref, dtype, "cpu", method=method)
         rows.append((name, base_footprint(model)))
         del model
@@ -100,6 +110,7 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--methods", default="lora,qlora", help="which runs to train (comma list)")
     p.add_argument("--child", choices=("lora", "qlora"), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -124,18 +135,18 @@ def main() -> int:
         )
     linear_share = rows[0][1]["linear_params"] / params
     print(f"(linear layers hold {100 * linear_share:.1f}% of the parameters; the rest is mostly "
-          "the embedding table, which QLoRA keeps in full precision)\n")  # fmt: skip
+          "the embedding table (tied with the head), in 4 bits unless quantize_embeddings is off)\n")  # fmt: skip
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("lora", "qlora"):
+        for method in args.methods.split(","):
             out = Path(tmp) / f"{method}.json"
             cmd = [sys.executable, __file__, "--child", method, "--out", str(out)]
             cmd += ["--work", tmp, "--model", args.model, "--steps", str(args.steps)]
             cmd += ["--n-test", str(args.n_test)]
             subprocess.run(cmd, check=True)
             results[method] = json.loads(out.read_text())
-    n = results["lora"]["n_test"]
+    n = next(iter(results.values()))["n_test"]
     print(f"\nsame LoRA, {args.steps} steps of batch 8 on examples/dates (fp32 compute, CPU)")
     print(
         "| base | peak RSS (MB) | train tokens/s | s/step | last train loss | "
@@ -143,15 +154,18 @@ def main() -> int:
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for method, label in (("lora", "fp32 (LoRA)"), ("qlora", "NF4 + double quant (QLoRA)")):
+        if method not in results:
+            continue
         r = results[method]
         print(
             f"| {label} | {r['peak_rss'] / 1e6:.0f} | {r['tokens_per_s']:.1f} | "
             f"{r['train_s'] / r['steps']:.1f} | {r['last_train_loss']:.4f} | "
             f"{r['exact_match']:.1f}% |"
         )
-    gap = results["qlora"]["exact_match"] - results["lora"]["exact_match"]
-    print(f"\nQLoRA - LoRA exact match: {gap:+.1f} points")
-    for method in ("lora", "qlora"):
+    if len(results) == 2:
+        gap = results["qlora"]["exact_match"] - results["lora"]["exact_match"]
+        print(f"\nQLoRA - LoRA exact match: {gap:+.1f} points")
+    for method in results:
         print(f"{method} samples: {results[method]['samples']}")
     print(f"bench wall time: {time.perf_counter() - started:.0f} s")
     return 0

@@ -41,6 +41,8 @@ def test_peft_loads_our_adapter_onto_a_4bit_base_with_identical_logits(qlora_run
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from tuneforge.config import MethodConfig
+    from tuneforge.methods.quantize_embed import quantize_embeddings
     from tuneforge.models import resolve_model
 
     config = json.loads((qlora_run / "adapter" / "adapter_config.json").read_text())
@@ -59,6 +61,9 @@ def test_peft_loads_our_adapter_onto_a_4bit_base_with_identical_logits(qlora_run
     for m in base.modules():  # bitsandbytes' bf16 eval kernel on AVX512-BF16 CPUs: off, as ours
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
+    # transformers quantizes linear layers only; the run also held its embedding + tied head in
+    # 4 bits (method.quantize_embeddings, the default): the same function does that here.
+    quantize_embeddings(base, MethodConfig(name="qlora"))
     base.eval()
     base_logits = base(probe_ids()).logits
     theirs = PeftModel.from_pretrained(base, str(qlora_run / "adapter")).eval()
@@ -95,6 +100,12 @@ def test_merge_dequantizes_then_merges_in_fp32(qlora_run, tmp_path):
         )
         into_full = PeftModel.from_pretrained(full, str(qlora_run / "adapter")).merge_and_unload()
         wrong = into_full(probe_ids()).logits
+    # the tied embedding/head is saved once, as the exact table the 4-bit run computed with
+    assert config["tie_word_embeddings"] and "lm_head.weight" not in weights
+    from tuneforge.methods.quantize_embed import dequantize_weight
+
+    table = on_4bit.get_base_model().get_input_embeddings().weight
+    assert torch.equal(weights["model.embed_tokens.weight"], dequantize_weight(table))
     gap = (merged - expected).abs().max().item()
     quantization_gap = (wrong - expected).abs().max().item()
     print(f"merged vs adapter-on-4-bit: max |logit diff| {gap:.2e} (tolerance 1e-5); merged into "

@@ -107,6 +107,11 @@ class MethodConfig:
         "for speed; float32 on CPU).",
         choices=("float32", "bfloat16", "float16"),
     )
+    quantize_embeddings: bool = _f(
+        True,
+        "qlora: hold the token embedding and the LM head (one copy when tied) in 4 bits too, "
+        "quantized as the linear layers; false keeps them in training.dtype.",
+    )
 
 
 @dataclass

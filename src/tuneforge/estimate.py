@@ -258,12 +258,14 @@ class MethodSettings:
     )
     num_virtual_tokens: int = 20
     bottleneck_size: int = 64
+    quantize_embeddings: bool = True  # qlora: the embedding / head in 4 bits too
 
     @classmethod
     def from_config(cls, m, name: str | None = None) -> MethodSettings:
         """Settings from a ``MethodConfig`` (fields added by newer methods are read if present)."""
         base = cls(name=name or m.name)
-        for key in ("r", "lora_dropout", "target_modules", "num_virtual_tokens"):
+        keys = ("r", "lora_dropout", "target_modules", "num_virtual_tokens", "quantize_embeddings")
+        for key in keys:
             if hasattr(m, key):
                 setattr(base, key, getattr(m, key))
         size = getattr(m, "bottleneck_size", None) or getattr(m, "adapter_size", None)
@@ -402,13 +404,20 @@ def weight_bytes(shape: ModelShape, work: Workload, s: MethodSettings, trainable
         return shape.params * work.dtype_bytes
     adapters = trainable * 4  # peft keeps adapter weights in fp32
     if s.name == "qlora":
-        quantized = shape.linear_params
+        quantized = shape.linear_params + _quantized_embedding_params(shape, s)
         return (
             quantized * NF4_BYTES_PER_PARAM
             + (shape.params - quantized) * work.dtype_bytes
             + adapters
         )
     return shape.params * work.dtype_bytes + adapters
+
+
+def _quantized_embedding_params(shape: ModelShape, s: MethodSettings) -> int:
+    """qlora with ``quantize_embeddings``: the embedding table, and an untied head, in 4 bits."""
+    if s.name != "qlora" or not s.quantize_embeddings:
+        return 0
+    return shape.vocab * shape.hidden * (1 if shape.tied else 2)
 
 
 def matmul_flops_per_second(device: str, tflops: float | None = None) -> tuple[float, str]:
@@ -478,6 +487,10 @@ def estimate_method(
     step_temp = trainable * train_bytes  # foreach AdamW's sqrt(exp_avg_sq)
     acts = activation_bytes(shape, work, s)
     logits, hf_logits = logits_bytes(shape, work)
+    if _quantized_embedding_params(shape, s):
+        # a 4-bit head is dequantized whole (compute dtype) inside each chunk of the loss, forward
+        # and again in the recomputing backward: one (vocab x hidden) temporary beside the logits
+        logits += shape.vocab * shape.hidden * work.dtype_bytes
     if s.name == "full":
         # Backward goes from the top: the (tied) head's gradient exists first, then layer
         # gradients grow while layer activations are freed, so the peak is at either end.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -21,14 +23,16 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
 
 
-def _chunk_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = (hidden @ weight.t()).float()  # (n, V)
+def _chunk_ce(hidden: torch.Tensor, weight, targets: torch.Tensor) -> torch.Tensor:
+    if callable(weight):  # a 4-bit head: dequantized here, again when backward recomputes
+        weight = weight()
+    logits = (hidden.to(weight.dtype) @ weight.t()).float()  # (n, V)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
 def selective_lm_loss_sum(
     hidden: torch.Tensor,
-    head_weight: torch.Tensor,
+    head_weight: torch.Tensor | Callable[[], torch.Tensor],
     labels: torch.Tensor,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
@@ -40,7 +44,9 @@ def selective_lm_loss_sum(
 
     Args:
         hidden: (B, T, C) final hidden states (after the last norm).
-        head_weight: (V, C) the LM head (bias-free, as in Llama/Qwen/GPT-2 heads).
+        head_weight: (V, C) the LM head (bias-free, as in Llama/Qwen/GPT-2 heads), or a function
+            returning it (a 4-bit head dequantizes inside each chunk: the full-precision head
+            is then a temporary, never kept for the backward). ``hidden`` is cast to its dtype.
         labels: (B, T) with IGNORE where not supervised.
     """
     targets = labels[:, 1:]  # (B, T-1)

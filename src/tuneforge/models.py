@@ -328,3 +328,10 @@ def _attn_implementation(choice: str, device: torch.device, dtype: torch.dtype) 
 def _has_safetensors(path: Path) -> bool:
     """Weights only from safetensors where a folder has them (no pickle)."""
     return any(path.glob("*.safetensors"))
+
+
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of a model's frozen floating-point weights (its first such parameter), else of
+    its first parameter: a 4-bit base holds uint8 codes and fp32 adapters besides them."""
+    frozen = (p for p in model.parameters() if p.dtype.is_floating_point and not p.requires_grad)
+    return next(frozen, next(model.parameters())).dtype

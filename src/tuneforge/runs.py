@@ -44,6 +44,8 @@ def quantized_run_method(run: Path):
     if not isinstance(method, dict) or method.get("name") != "qlora":
         return None
     names = {f.name for f in dataclasses.fields(MethodConfig)}
+    # Runs from before method.quantize_embeddings trained with full-precision embeddings.
+    method = {"quantize_embeddings": False, **method}
     return MethodConfig(**{k: v for k, v in method.items() if k in names})
 
 

@@ -18,10 +18,11 @@ from tuneforge.config import Config, dump_config
 from tuneforge.data.dataset import prepare_sft_data
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods import apply_method, describe_trainable, trainable_parameters
-from tuneforge.models import load_model, pick_device
+from tuneforge.models import load_model, pick_device, weights_dtype
 from tuneforge.train.checkpoint import list_checkpoints
 from tuneforge.train.distributed import init_from_env, shutdown
 from tuneforge.train.loop import LoopResult, Trainer
+from tuneforge.train.memory import return_freed_memory
 from tuneforge.train.sft import SFTObjective
 from tuneforge.train.tensorboard import make_loggers
 
@@ -59,11 +60,15 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     before the run folder is created or changed. Under torchrun / ``--nproc`` every rank runs this;
     only rank 0 writes.
     """
+<<<<<<< HEAD
     if cfg.training.objective != "sft" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TuneforgeError(
             f"training.objective: {cfg.training.objective} runs in one process only; "
             "drop --nproc / torchrun (multi-process training covers objective sft)"
         )
+=======
+    return_freed_memory()  # glibc: freed tensors go back to the system (train/memory.py)
+>>>>>>> s2-qlora-embed
     if objective is None and cfg.training.objective in ("reward", "dpo"):
         from tuneforge.train.preference import train_pairs
 
@@ -229,7 +234,7 @@ def _summary(cfg: Config, r: LoopResult, data, model, resolved: str) -> dict:
         "resolved_model": resolved,
         "method": cfg.method.name,
         # the dtype the base was loaded (and, for qlora, quantized) from: merge re-loads it so
-        "base_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "base_dtype": str(weights_dtype(model)).removeprefix("torch."),
         "steps": r.global_step,
         "total_steps": r.total_steps,
         "stopped_early": r.stopped_early,

@@ -27,8 +27,12 @@ from tuneforge.data.batching import (
 )
 from tuneforge.data.render import Sample
 from tuneforge.errors import TuneforgeError
+<<<<<<< HEAD
 from tuneforge.methods.peft_methods import is_prompt_learning
 from tuneforge.methods.virtual_packing import packed_row_cost
+=======
+from tuneforge.models import weights_dtype
+>>>>>>> s2-qlora-embed
 from tuneforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -205,7 +209,7 @@ class Trainer:
 
     def autocast(self):
         """bf16 autocast on GPUs that support it when the model runs in bf16; fp32 on CPU."""
-        dtype = next(self.model.parameters()).dtype
+        dtype = weights_dtype(self.model)
         enabled = self.device.type == "cuda" and dtype == torch.bfloat16
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
 

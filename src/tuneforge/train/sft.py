@@ -8,6 +8,7 @@ from torch.distributed.tensor import DTensor
 from tuneforge.data.batching import supervised_tokens
 from tuneforge.losses import causal_lm_loss_sum, selective_lm_loss_sum
 from tuneforge.methods.peft_methods import is_prompt_learning, virtual_token_count
+from tuneforge.methods.quantize_embed import QuantizedHead, head_weight
 from tuneforge.methods.virtual_packing import is_packed, packed_forward
 
 
@@ -38,10 +39,10 @@ class SFTObjective:
         cfg = base.config
         return (
             self.selective
-            and type(head) is torch.nn.Linear
+            and type(head) in (torch.nn.Linear, QuantizedHead)
             # sharded by FSDP2: the root's forward gathers the embeddings and the tied head,
             # which calling the decoder directly would skip
-            and not isinstance(head.weight, DTensor)
+            and not isinstance(getattr(head, "weight", None), DTensor)
             and head.bias is None
             and not getattr(cfg, "final_logit_softcapping", None)
             and getattr(cfg, "logit_scale", None) in (None, 1.0)
@@ -54,15 +55,16 @@ class SFTObjective:
         if is_prompt_learning(model) and is_packed(batch):  # methods/virtual_packing.py
             if self._can_select(base):
                 hidden = packed_forward(model, inputs, hidden_only=True)  # (B, T, C)
-                head = base.get_output_embeddings()
-                return selective_lm_loss_sum(hidden, head.weight, batch["labels"], self.chunk_size)
+                weight = head_weight(base.get_output_embeddings())
+                return selective_lm_loss_sum(hidden, weight, batch["labels"], self.chunk_size)
             return causal_lm_loss_sum(packed_forward(model, inputs), batch["labels"])
         # Prefix / prompt tuning add their virtual tokens in the peft wrapper, which the direct
         # decoder call would skip: they take the plain path.
         if self._can_select(base) and not is_prompt_learning(model):
             hidden = base.get_decoder()(**inputs, use_cache=False).last_hidden_state  # (B, T, C)
             head = base.get_output_embeddings()
-            return selective_lm_loss_sum(hidden, head.weight, batch["labels"], self.chunk_size)
+            weight = head_weight(head)
+            return selective_lm_loss_sum(hidden, weight, batch["labels"], self.chunk_size)
         logits = model(**inputs, use_cache=False).logits  # (B, T, V)
         # Prompt tuning returns logits for its virtual tokens first: (B, n_virtual + T, V).
         logits = logits[:, virtual_token_count(model) :]
