@@ -60,15 +60,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     before the run folder is created or changed. Under torchrun / ``--nproc`` every rank runs this;
     only rank 0 writes.
     """
-<<<<<<< HEAD
+    return_freed_memory()  # glibc: freed tensors go back to the system (train/memory.py)
     if cfg.training.objective != "sft" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TuneforgeError(
             f"training.objective: {cfg.training.objective} runs in one process only; "
             "drop --nproc / torchrun (multi-process training covers objective sft)"
         )
-=======
-    return_freed_memory()  # glibc: freed tensors go back to the system (train/memory.py)
->>>>>>> s2-qlora-embed
     if objective is None and cfg.training.objective in ("reward", "dpo"):
         from tuneforge.train.preference import train_pairs
 

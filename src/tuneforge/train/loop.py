@@ -27,12 +27,9 @@ from tuneforge.data.batching import (
 )
 from tuneforge.data.render import Sample
 from tuneforge.errors import TuneforgeError
-<<<<<<< HEAD
 from tuneforge.methods.peft_methods import is_prompt_learning
 from tuneforge.methods.virtual_packing import packed_row_cost
-=======
 from tuneforge.models import weights_dtype
->>>>>>> s2-qlora-embed
 from tuneforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -199,7 +196,7 @@ class Trainer:
             if self.varlen_sdpa:
                 batch["cu_seq_lens_q"] = cu_seq_lens(batch["position_ids"])
             if self.additive_mask:  # eager attention adds the mask to the scores
-                dtype = next(self.model.parameters()).dtype
+                dtype = weights_dtype(self.model)
                 zero = torch.zeros((), dtype=dtype)
                 batch["attention_mask"] = torch.where(
                     batch["attention_mask"], zero, torch.finfo(dtype).min
