@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# tuneforge: as tuneforge.train.train runs, glibc's mmap threshold fixed at 128 KiB
+# tuneforge: as tuneforge.train.train runs, glibc mmap threshold fixed (train/memory.py)
 # (train/memory.py); glibc: the C library's defaults (dynamic threshold), for comparison.
 MALLOCS = ("tuneforge", "glibc")
 CONFIG = {

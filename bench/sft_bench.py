@@ -72,6 +72,9 @@ def run_tuneforge(model, tok, train, tmp: Path) -> None:
     from tuneforge.train.loop import Trainer
     from tuneforge.train.sft import SFTObjective
 
+    from tuneforge.train.memory import return_freed_memory
+
+    return_freed_memory()  # as `tuneforge train` does first (glibc mmap threshold)
     model = apply_method(model, MethodConfig(name="lora", **LORA))
     t = TrainingConfig(
         num_epochs=1,
