@@ -70,9 +70,8 @@ def run_tuneforge(model, tok, train, tmp: Path) -> None:
     from tuneforge.config import MethodConfig, TrainingConfig
     from tuneforge.methods import apply_method
     from tuneforge.train.loop import Trainer
-    from tuneforge.train.sft import SFTObjective
-
     from tuneforge.train.memory import return_freed_memory
+    from tuneforge.train.sft import SFTObjective
 
     return_freed_memory()  # as `tuneforge train` does first (glibc mmap threshold)
     model = apply_method(model, MethodConfig(name="lora", **LORA))
