@@ -68,6 +68,15 @@ def tiny_config(tmp_path: Path, train: Path, eval: Path | None = None, **overrid
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
+def train_and_read_metrics(tmp_path: Path, data: Path, name: str, **overrides) -> tuple:
+    """``train`` a tiny_config run into ``tmp_path / name``; returns (summary, metrics.jsonl rows)."""
+    from tuneforge.train import train
+
+    out = tmp_path / name
+    summary = train(tiny_config(tmp_path, data, **{"output_dir": str(out), **overrides}))
+    return summary, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def run_cli(
     *args: str, env: dict | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:

@@ -99,32 +99,28 @@ def test_group_by_length_reduces_padding():
     assert padded_tokens(grouped) < 0.8 * padded_tokens(plain)
 
 
-def test_train_with_packing_end_to_end_matches_padded_loss(tmp_path, dates_rows):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_train_with_packing_end_to_end_matches_padded_loss(tmp_path, dates_rows, attn):
     """Through train(): with packing on, every sample is seen once per epoch and the first step's
-    loss equals the padded run's first step on the same samples (1 row = the whole window)."""
-    import json
-
-    from tuneforge.train import train
-
-    from .conftest import tiny_config, write_jsonl
+    loss equals the padded run's first step on the same samples (1 row = the whole window). sdpa
+    takes the per-sample attention path (tuneforge.attention), eager an additive block mask."""
+    from .conftest import train_and_read_metrics, write_jsonl
 
     data = write_jsonl(tmp_path / "t.jsonl", dates_rows[:12])
-    losses = {}
+    first = {}
     for packing in (False, True):
-        out = tmp_path / f"run-{packing}"
-        cfg = tiny_config(
+        _, lines = train_and_read_metrics(
             tmp_path,
             data,
+            f"run-{packing}",
             **{
-                "output_dir": str(out),
                 "data.packing": packing,
                 "data.max_length": 1024,
+                "training.attn_implementation": attn,
                 "training.batch_size": 12 if not packing else 1,
                 "training.max_steps": 1,
             },
         )
-        train(cfg)
-        first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-        losses[packing] = (first["loss"], first["tokens"])
-    assert losses[True][1] == losses[False][1]
-    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
+        first[packing] = (lines[0]["loss"], lines[0]["tokens"])
+    assert first[True][1] == first[False][1]
+    assert first[True][0] == pytest.approx(first[False][0], rel=1e-5)

@@ -12,13 +12,16 @@ from safetensors.torch import load_file
 from .conftest import ROOT, run_cli, write_jsonl
 
 
-def config(tmp_path, name, dates_rows, batch_size, method="lora"):
-    train = write_jsonl(tmp_path / "train.jsonl", dates_rows[:30])  # 30: the last batch is partial
-    evalf = write_jsonl(tmp_path / "eval.jsonl", dates_rows[30:37])
+def config(root, name, rows, batch_size, method="lora", n_eval=7, **training):
+    """tiny-llama on 30 training rows (the last window is partial, so rank 1's slice of its last
+    micro-batch is empty) and ``n_eval`` eval rows; LoRA without dropout, or full (FSDP2)."""
+    train = write_jsonl(root / "train.jsonl", rows[:30])
+    evalf = write_jsonl(root / "eval.jsonl", rows[30 : 30 + n_eval])
+    lora = {"name": "lora", "r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
     cfg = {
         "model": "tiny-llama",
-        "output_dir": str(tmp_path / name),
-        "method": {"name": method, "r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "output_dir": str(root / name),
+        "method": lora if method == "lora" else {"name": method},
         "data": {"train": str(train), "eval": str(evalf), "max_length": 96},
         "training": {
             "num_epochs": 1,
@@ -28,31 +31,27 @@ def config(tmp_path, name, dates_rows, batch_size, method="lora"):
             "eval_steps": 2,
             "progress": False,
             "seed": 5,
+            **training,
         },
     }
-    path = tmp_path / f"{name}.yaml"
+    path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-@pytest.mark.parametrize("method", ["lora"])  # full: FSDP2, below
-def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path, dates_rows, method):
-    one = config(tmp_path, "one", dates_rows, 4, method)
-    two = config(tmp_path, "two", dates_rows, 2, method)
+def test_two_processes_batch_b_equal_one_process_batch_2b(tmp_path, dates_rows):
+    """LoRA (DDP-style gradient all-reduce); full fine-tuning (FSDP2) is tested below."""
+    one = config(tmp_path, "one", dates_rows, 4)
+    two = config(tmp_path, "two", dates_rows, 2)
     r = run_cli("train", str(one))
     assert r.returncode == 0, r.stderr
     r = run_cli("train", str(two), "--nproc", "2")
     assert r.returncode == 0, r.stderr
     assert "2 processes" in r.stderr
-    weights = "adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors"
+    weights = "adapter/adapter_model.safetensors"
     a, b = load_file(str(tmp_path / "one" / weights)), load_file(str(tmp_path / "two" / weights))
     assert a.keys() == b.keys()
-    if method == "full":
-        from tuneforge.models import resolve_model
-
-        start = load_file(f"{resolve_model('tiny-llama')}/model.safetensors")
-    else:
-        start = {k: torch.zeros_like(v) for k, v in a.items()}  # compare raw adapter weights
+    start = {k: torch.zeros_like(v) for k, v in a.items()}  # compare raw adapter weights
     for k in a:
         # The same update up to float summation order. Adam divides by sqrt(v), so a weight whose
         # gradient is ~0 can move by a few 1e-6 differently; compare whole update tensors.
@@ -84,31 +83,10 @@ def test_resume_across_ranks(tmp_path, dates_rows):
 
 # -- full fine-tuning: FSDP2 ----------------------------------------------------------------------
 def full_config(root: Path, name: str, batch_size: int, **training) -> Path:
-    """tiny-llama full fine-tuning; 30 training rows (the last window is partial, so rank 1's
-    slice of its last micro-batch is empty) and 5 eval rows (rank 1 has one eval batch fewer
-    than rank 0): both make a rank run FSDP2 stand-in batches."""
+    """Full fine-tuning with 5 eval rows (rank 1 has one eval batch fewer than rank 0): with the
+    partial last window, both make a rank run FSDP2 stand-in batches."""
     rows = [json.loads(x) for x in (ROOT / "examples/dates/train.jsonl").read_text().splitlines()]
-    train = write_jsonl(root / "train.jsonl", rows[:30])
-    evalf = write_jsonl(root / "eval.jsonl", rows[30:35])
-    cfg = {
-        "model": "tiny-llama",
-        "output_dir": str(root / name),
-        "method": {"name": "full"},
-        "data": {"train": str(train), "eval": str(evalf), "max_length": 96},
-        "training": {
-            "num_epochs": 1,
-            "batch_size": batch_size,
-            "gradient_accumulation": 2,
-            "learning_rate": 2e-3,
-            "eval_steps": 2,
-            "progress": False,
-            "seed": 5,
-            **training,
-        },
-    }
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return config(root, name, rows, batch_size, "full", n_eval=5, **training)
 
 
 @pytest.fixture(scope="module")

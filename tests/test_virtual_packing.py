@@ -2,7 +2,6 @@
 the shared prefix) and itself only, with the positions it has alone; packed == padded loss and
 gradients; train() with data.packing end to end, and generation that follows the packed forward."""
 
-import json
 import warnings
 
 import pytest
@@ -15,10 +14,9 @@ from tuneforge.eval.generate import generate
 from tuneforge.methods import apply_method, generate_tokens
 from tuneforge.methods.virtual_packing import packed_forward
 from tuneforge.runs import load_for_inference
-from tuneforge.train import train
 from tuneforge.train.sft import SFTObjective
 
-from .conftest import tiny_config, write_jsonl
+from .conftest import train_and_read_metrics, write_jsonl
 from .test_methods import FAMILIES, METHOD_CONFIGS, fresh, train_one_step
 
 METHODS = ["prefix", "prompt"]
@@ -132,12 +130,11 @@ def test_train_with_packing_end_to_end(tmp_path, dates_rows, method):
     }[method]
     first = {}
     for packing in (False, True):
-        out = tmp_path / f"run-{packing}"
-        cfg = tiny_config(
+        summary, lines = train_and_read_metrics(
             tmp_path,
             data,
+            f"run-{packing}",
             **{
-                "output_dir": str(out),
                 "method.name": method,
                 "method.num_virtual_tokens": 4,
                 **method_keys,
@@ -147,8 +144,6 @@ def test_train_with_packing_end_to_end(tmp_path, dates_rows, method):
                 "training.max_steps": 1 if not packing else 3,
             },
         )
-        summary = train(cfg)
-        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         first[packing] = (lines[0]["loss"], lines[0]["tokens"])
         assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines if "loss" in x)
     assert summary["steps"] == 3 and summary["method"] == method

@@ -91,14 +91,14 @@ def pack_rows(
 
 
 def collate_packed(
-    rows: list[list[Sample]], pad_id: int, flash_varlen: bool = False
+    rows: list[list[Sample]], pad_id: int, varlen: bool = False
 ) -> dict[str, torch.Tensor]:
     """Packed batch: each row holds several samples; each sample attends only to itself.
 
     Position ids restart at 0 for every sample. In transformers 5 with SDPA that alone does NOT
-    isolate samples, so a 4D block-diagonal causal mask (B, 1, T, T) is passed too; with a
-    flash-attention implementation (``flash_varlen``) the position ids drive the variable-length
-    kernel and no mask is built. The first label of each sample is ignored: it would otherwise be
+    isolate samples, so a 4D block-diagonal causal mask (B, 1, T, T) is passed too. With
+    ``varlen`` no mask is built: a variable-length attention path (flash-attn's, or
+    tuneforge.attention's per-sample SDPA) finds the samples from the position ids. The first label of each sample is ignored: it would otherwise be
     predicted from the previous sample's last token.
     """
     T = max(sum(len(s) for s in row) for row in rows)
@@ -120,7 +120,7 @@ def collate_packed(
             pos += n
         position_ids[b, pos:] = torch.arange(T - pos)
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-    if flash_varlen:
+    if varlen:
         return batch
     same = segment[:, :, None] == segment[:, None, :]  # (B, T, T)
     causal = torch.ones(T, T, dtype=torch.bool).tril()

@@ -26,14 +26,19 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n in state if n not in params]
-    if missing:
+def check_weights_fit(params: dict[str, torch.nn.Parameter], names) -> None:
+    """One clear line when a checkpoint names a weight this model/method does not have."""
+    unknown = [n for n in names if n not in params]
+    if unknown:
         raise TuneforgeError(
-            f"checkpoint does not fit this model/method (unknown weight {missing[0]}); "
+            f"checkpoint does not fit this model/method (unknown weight {unknown[0]}); "
             "resume with the config the run was started with"
         )
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    check_weights_fit(params, state)
     with torch.no_grad():
         for n, t in state.items():
             p = params[n]

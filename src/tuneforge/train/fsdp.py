@@ -33,6 +33,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.train.checkpoint import check_weights_fit
 from tuneforge.train.distributed import Dist
 
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -117,13 +118,7 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def load_full_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Load full tensors (every rank passes the same dict) into the sharded model."""
-    params = dict(model.named_parameters())
-    unknown = [n for n in weights if n not in params]
-    if unknown:
-        raise TuneforgeError(
-            f"checkpoint does not fit this model/method (unknown weight {unknown[0]}); "
-            "resume with the config the run was started with"
-        )
+    check_weights_fit(dict(model.named_parameters()), weights)
     # not strict: a tied LM head is saved once, under the embeddings' name. A copy: torch swaps
     # the dict's values for this rank's shards.
     weights = dict(weights)

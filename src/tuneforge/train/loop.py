@@ -192,7 +192,7 @@ class Trainer:
             return None
         if self.packing:
             rows = [[self.train_samples[i] for i in row] for row in spec]
-            batch = collate_packed(rows, self.pad_id, self.flash_varlen or self.varlen_sdpa)
+            batch = collate_packed(rows, self.pad_id, varlen=self.flash_varlen or self.varlen_sdpa)
             if self.varlen_sdpa:
                 batch["cu_seq_lens_q"] = cu_seq_lens(batch["position_ids"])
             if self.additive_mask:  # eager attention adds the mask to the scores
