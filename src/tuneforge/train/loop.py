@@ -39,6 +39,14 @@ from tuneforge.train.checkpoint import (
     trainable_state,
 )
 from tuneforge.train.distributed import Dist
+from tuneforge.train.fsdp import (
+    full_optimizer_state,
+    full_weights,
+    gather_full,
+    is_sharded,
+    to_float,
+)
+from tuneforge.train.fsdp import grad_norm as global_grad_norm
 from tuneforge.train.optimizers import make_optimizer
 
 
@@ -130,7 +138,7 @@ class Trainer:
         self.packing = packing
         self.dist = dist or Dist()
         # FSDP2 (full fine-tuning on several ranks): every forward and backward is a collective
-        self.sharded = self.dist.enabled and _is_sharded(model)
+        self.sharded = self.dist.enabled and is_sharded(model)
         self.group_by_length = group_by_length
         self.max_length = max_length
         attn = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
@@ -263,19 +271,11 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         out = self.accumulate_gradients(step)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.sharded:  # DTensor gradients: the global norm over all shards
-            from tuneforge.train.fsdp import grad_norm as global_grad_norm
-            from tuneforge.train.fsdp import to_float
-
-            if self.cfg.max_grad_norm > 0:
-                grad_norm = to_float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-            else:
-                grad_norm = global_grad_norm(params)
-        elif self.cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        # Under FSDP2 the gradients are DTensors: both give the global norm over all shards.
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = to_float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
         else:
-            grads = [p.grad.norm() for p in params if p.grad is not None]
-            grad_norm = float(torch.norm(torch.stack(grads))) if grads else 0.0
+            grad_norm = global_grad_norm(params)
         lr = self.scheduler.get_last_lr()[0]
         finite = math.isfinite(out["loss"]) and math.isfinite(grad_norm)
         if finite:
@@ -544,8 +544,6 @@ class Trainer:
         (every rank must call this); ``{}`` when the model is not sharded."""
         if not self.sharded:
             return {}
-        from tuneforge.train.fsdp import full_optimizer_state, full_weights, gather_full
-
         full = {
             "weights": full_weights(self.model),
             "optimizer": full_optimizer_state(self.model, self.optimizer),
@@ -553,12 +551,6 @@ class Trainer:
         if best is not None:
             full["best"] = gather_full(best)
         return full
-
-
-def _is_sharded(model: torch.nn.Module) -> bool:
-    from tuneforge.train.fsdp import is_sharded
-
-    return is_sharded(model)
 
 
 def _fault_steps(name: str) -> set[int]:
