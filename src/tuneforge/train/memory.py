@@ -17,6 +17,8 @@ low threshold costs speed. bench/sft_bench.py (LoRA, 2 x 512-token packed rows, 
 gave 57.5 supervised tok/s and 2710 MB peak RSS at 128 KiB, 63.8 / 2728 at 512 KiB,
 75.1 / 3058 at 1 MiB, 91.4 / 4353 at 4 MiB, and 73.1 / 4389 with glibc's dynamic default.
 QLoRA's dequantized weights (several MiB each) stay above 1 MiB, so they still go back at once.
+bench/estimate_bench.py (3 steps) found 1 MiB steps about 25% slower than glibc's default, so the
+speed side is not settled; ``MALLOC_MMAP_THRESHOLD_`` in the environment overrides this.
 """
 
 from __future__ import annotations
