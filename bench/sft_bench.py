@@ -229,9 +229,11 @@ def peak_rss_mb() -> float:
 
 
 def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
+    from tuneforge.train.memory import allocator
+
     torch.manual_seed(0)
     model, tok, train, evals = load_everything(n_train, n_eval)
-    runner = {"tuneforge": run_tuneforge, "hf": run_hf, "trl": run_trl}[system]
+    runner = {"tuneforge": run_tuneforge, "hf": run_hf, "trl": run_trl}[system.split("+")[0]]
     with tempfile.TemporaryDirectory() as tmp:
         reset_peak_rss()  # the training peak: the model is loaded, the shared eval comes after
         model, (seconds, cpu_seconds) = runner(model, tok, train, Path(tmp))
@@ -249,6 +251,7 @@ def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
         "eval_loss": loss,
         "peak_rss_mb": train_peak,
         "samples": len(train),
+        "malloc": allocator(),
     }
     out.write_text(json.dumps(result))
 
@@ -258,6 +261,22 @@ NAMES = {
     "hf": "HF Trainer + peft (padded)",
     "trl": "TRL SFTTrainer (packing)",
 }
+
+
+def child_env(system: str) -> dict:
+    """The allocator each system runs with: tuneforge as `tuneforge train` runs (jemalloc when
+    installed, train/memory.py); the others with the system's malloc, as their users run them,
+    unless the system is named with +jemalloc (e.g. hf+jemalloc). tuneforge+glibc opts out."""
+    from tuneforge.train.memory import CHOICE_ENV, find_jemalloc
+
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    name, _, malloc = system.partition("+")
+    if name == "tuneforge":
+        malloc = malloc or os.environ.get(CHOICE_ENV, "jemalloc")
+    lib = find_jemalloc()
+    if malloc == "jemalloc" and lib is not None:
+        env["LD_PRELOAD"] = lib
+    return env
 
 
 def main() -> int:
@@ -289,12 +308,7 @@ def main() -> int:
             "--n-eval",
             str(args.n_eval),
         ]
-        r = subprocess.run(
-            cmd,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-            capture_output=True,
-            text=True,
-        )
+        r = subprocess.run(cmd, env=child_env(system), capture_output=True, text=True)
         if r.returncode != 0:
             print(f"{system} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
             continue
@@ -302,7 +316,7 @@ def main() -> int:
         out.unlink()
         res = results[system]
         print(f"done {system}: {res['seconds']:.1f} s", file=sys.stderr)
-    ref = results.get("tuneforge")
+    ref = next((r for k, r in results.items() if k.startswith("tuneforge")), None)
     print(
         f"\nmachine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} threads, fp32; "
         f"matmul peak {peak / 1e9:.1f} GFLOP/s"
@@ -324,7 +338,7 @@ def main() -> int:
         ratio_cpu = (ref["supervised_tokens"] / ref["cpu_seconds"]) / tpc if ref else float("nan")
         rss = r["peak_rss_mb"] / ref["peak_rss_mb"] if ref else float("nan")
         print(
-            f"| {NAMES[system]} | {tps:.1f} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+            f"| {NAMES[system.split('+')[0]]}, {r['malloc']} malloc | {tps:.1f} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
             f"{tpc:.1f} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} | {100 * mfu:.1f}% | "
             f"{ratio:.2f}x | {ratio_cpu:.2f}x | {rss:.2f} |"
         )

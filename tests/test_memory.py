@@ -2,11 +2,14 @@
 it, they stay as heap holes (the gap between estimated and measured peak memory)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tuneforge.train.memory import find_jemalloc
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 # 100 tensors of 2 MiB between small survivors, then the big ones freed: how much RSS stays?
@@ -58,3 +61,74 @@ def test_a_threshold_from_the_environment_is_left_alone(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert return_freed_memory() is False
+
+
+# `tuneforge train` re-executes itself with jemalloc preloaded when it finds the library.
+
+
+def _train_cli(tmp_path: Path, env: dict, name: str):
+    from tests.conftest import write_jsonl
+
+    rows = [{"instruction": f"Say {i}", "output": f"word {i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / name
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model: tiny-llama\noutput_dir: {out}\ndata: {{train: {data}, max_length: 64}}\n"
+        "training: {max_steps: 1, progress: false}\nmethod: {name: lora, r: 2}\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_MALLOC")}
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneforge", "train", str(config)],
+        capture_output=True,
+        text=True,
+        env={**clean, "PYTHONPATH": SRC, **env},
+        timeout=600,
+    )
+    return r, out
+
+
+def _summary_malloc(out: Path) -> str:
+    import json
+
+    return json.loads((out / "summary.json").read_text())["malloc"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD: Linux only")
+def test_train_reexecutes_with_the_jemalloc_it_finds(tmp_path):
+    """A stand-in library named libjemalloc.so.2 (an empty shared object built here, since a clean
+    CI machine may lack jemalloc) in $CONDA_PREFIX/lib: the re-executed run has it mapped; with
+    TUNEFORGE_MALLOC=glibc it is left out."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the stand-in library")
+    lib = tmp_path / "prefix" / "lib"
+    lib.mkdir(parents=True)
+    (tmp_path / "empty.c").write_text("int tuneforge_standin = 1;\n")
+    subprocess.run(
+        [cc, "-shared", "-fPIC", "-o", str(lib / "libjemalloc.so.2"), str(tmp_path / "empty.c")],
+        check=True,
+    )
+    prefix = {"CONDA_PREFIX": str(tmp_path / "prefix")}
+    r, out = _train_cli(tmp_path, prefix, "with")
+    assert r.returncode == 0, r.stderr
+    assert _summary_malloc(out) == "jemalloc"
+    r, out = _train_cli(tmp_path, {**prefix, "TUNEFORGE_MALLOC": "glibc"}, "without")
+    assert r.returncode == 0, r.stderr
+    assert _summary_malloc(out) == "system"
+
+
+@pytest.mark.skipif(find_jemalloc() is None, reason="jemalloc is not installed here")
+def test_train_runs_under_the_real_jemalloc(tmp_path):
+    r, out = _train_cli(tmp_path, {}, "run")
+    assert r.returncode == 0, r.stderr
+    assert _summary_malloc(out) == "jemalloc"
+
+
+def test_a_wrong_allocator_choice_is_one_line(tmp_path):
+    r, out = _train_cli(tmp_path, {"TUNEFORGE_MALLOC": "tcmalloc"}, "run")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: TUNEFORGE_MALLOC='tcmalloc': use jemalloc or glibc"
+    ]
+    assert not out.exists()

@@ -454,6 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in takes_overrides:
         args.overrides = list(args.overrides) + overrides
     try:
+        if argv is None and args.command == "train":
+            from tuneforge.train.memory import reexec_with_jemalloc
+
+            reexec_with_jemalloc()  # the same command again, faster and leaner (train/memory.py)
         return args.func(args)
     except TuneforgeError as e:
         print(f"error: {e}", file=sys.stderr)

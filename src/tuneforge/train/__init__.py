@@ -22,7 +22,7 @@ from tuneforge.models import load_model, pick_device, weights_dtype
 from tuneforge.train.checkpoint import list_checkpoints
 from tuneforge.train.distributed import init_from_env, shutdown
 from tuneforge.train.loop import LoopResult, Trainer
-from tuneforge.train.memory import return_freed_memory
+from tuneforge.train.memory import allocator, return_freed_memory
 from tuneforge.train.sft import SFTObjective
 from tuneforge.train.tensorboard import make_loggers
 
@@ -248,5 +248,6 @@ def _summary(cfg: Config, r: LoopResult, data, model, resolved: str) -> dict:
         "train_seconds_this_process": round(r.seconds, 2),
         "supervised_tokens": r.supervised_tokens,
         "skipped_steps": r.skipped_steps,
+        "malloc": allocator(),  # jemalloc when `tuneforge train` found it (train/memory.py)
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
