@@ -27,6 +27,7 @@ from tuneforge.errors import TuneforgeError
 
 _FIRST_SLOTS = 1 << 10  # bucket slots (per band) at the start
 _HASH_SEED = 20240607
+_SIGNATURE_BUFFER = 1 << 19  # signature bytes held before they are written out
 
 
 class KeySet:
@@ -34,12 +35,14 @@ class KeySet:
     addition, in temporary files (12 bytes per key, 4-8 of bucket heads).
 
     Args:
-        first_slots: buckets to start with (a power of 2); doubled as keys come.
+        first_slots: buckets to start with (a power of 2; None: 1024); doubled as keys come.
         folder: where the files live (None: the system temp folder).
     """
 
-    def __init__(self, first_slots: int = _FIRST_SLOTS, folder: str | Path | None = None) -> None:
-        self._chains = ChainTable(1, first_slots, folder)  # hash: the key's low 32 bits
+    def __init__(self, first_slots: int | None = None, folder: str | Path | None = None) -> None:
+        self._chains = ChainTable(
+            1, first_slots or _FIRST_SLOTS, folder
+        )  # hash: the key's low 32 bits
         self._keys = Rows(8, folder)
         self._last: tuple[int, list[int]] | None = None  # find() then add() of a key
 
@@ -92,7 +95,8 @@ class NearDuplicateIndex:
         threshold: the estimated Jaccard similarity from which an indexed record matches.
         ngram: words per shingle.
         num_perm: MinHash permutations (signature length).
-        first_slots: buckets per band to start with (a power of 2); doubled as records come.
+        first_slots: buckets per band to start with (a power of 2; None: 1024); doubled as
+            records come.
         folder: where the files live (None: the system temp folder).
     """
 
@@ -101,7 +105,7 @@ class NearDuplicateIndex:
         threshold: float = 0.85,
         ngram: int = 2,
         num_perm: int = 128,
-        first_slots: int = _FIRST_SLOTS,
+        first_slots: int | None = None,
         folder: str | Path | None = None,
     ):
         from datasketch import MinHash, MinHashLSH
@@ -127,8 +131,8 @@ class NearDuplicateIndex:
         # top bits (its low bits pick the bucket slot).
         rng = np.random.default_rng(_HASH_SEED)
         self._mult = rng.integers(0, 2**63, size=(self.bands, self.rows), dtype=np.uint64) * 2 + 1
-        self._signatures = Rows(4 * num_perm, folder, buffer_bytes=1 << 19)
-        self._chains = ChainTable(self.bands, first_slots, folder)
+        self._signatures = Rows(4 * num_perm, folder, _SIGNATURE_BUFFER)
+        self._chains = ChainTable(self.bands, first_slots or _FIRST_SLOTS, folder)
         self._last: tuple[bytes, list[int], list[int]] | None = None  # a query's hashes, heads
 
     @property

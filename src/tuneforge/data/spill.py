@@ -64,14 +64,14 @@ class SpillFile:
 
     Args:
         folder: where the file lives (None: the system temp folder).
-        buffer_bytes: appended bytes held in memory before they are written out.
+        buffer_bytes: appended bytes held in memory before they are written out (None: 128 KiB).
     """
 
-    def __init__(self, folder: str | Path | None = None, buffer_bytes: int = _BUFFER_BYTES):
+    def __init__(self, folder: str | Path | None = None, buffer_bytes: int | None = None):
         self.folder = folder
         self._file = _temp_file(folder)
         self.fd = self._file.fileno()
-        self._buffer_bytes = buffer_bytes
+        self._buffer_bytes = _BUFFER_BYTES if buffer_bytes is None else buffer_bytes
         self.tail = bytearray()  # bytes from ``flushed`` on, not written yet
         self.flushed = 0
         self.size = 0  # bytes appended in all
@@ -133,7 +133,7 @@ class Rows(SpillFile):
         self,
         row_bytes: int,
         folder: str | Path | None = None,
-        buffer_bytes: int = _BUFFER_BYTES,
+        buffer_bytes: int | None = None,
     ):
         super().__init__(folder, buffer_bytes)
         self.row_bytes = row_bytes
@@ -149,10 +149,10 @@ class Rows(SpillFile):
         """Row ``k``'s bytes."""
         return self.read(k * self.row_bytes, self.row_bytes)
 
-    def blocks(self, block_bytes: int = _BLOCK_BYTES) -> Iterator[tuple[int, bytearray]]:
+    def blocks(self) -> Iterator[tuple[int, bytearray]]:
         """(first row, a writable copy of the rows) for consecutive blocks of rows."""
         self.flush()
-        rows = max(1, block_bytes // self.row_bytes)
+        rows = max(1, _BLOCK_BYTES // self.row_bytes)
         for start in range(0, len(self), rows):
             size = min(rows, len(self) - start) * self.row_bytes
             yield start, bytearray(os.pread(self.fd, size, start * self.row_bytes))
