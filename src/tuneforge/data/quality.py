@@ -4,8 +4,9 @@ Exact duplicates share the hash of their normalised text (NFKC, case-folded, whi
 collapsed). Near duplicates are found with MinHash LSH from the ``datasketch`` library over word
 n-gram shingles: LSH proposes candidates, and a candidate counts only if the MinHash estimate of
 the Jaccard similarity of the two shingle sets reaches the threshold (default 0.85). Records are
-streamed; the first of a cluster is kept. The index grows with the number of distinct records
-(about 600-650 bytes each, see lsh_index.py), not with their size.
+streamed; the first of a cluster is kept. The indexes live in unnamed temporary files (about
+0.7 KB of disk per distinct record, see lsh_index.py and spill.py), and so does the list of
+removed duplicates (``DuplicateLog``): memory stays flat however many records there are.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ def _reasons(counts: Counter) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Near duplicates: MinHash LSH (datasketch's MinHash; the compact index is in lsh_index.py)
+# Near duplicates: MinHash LSH (datasketch's MinHash; the disk-backed index is in lsh_index.py)
 
 
 @dataclass

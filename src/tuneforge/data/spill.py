@@ -50,13 +50,18 @@ def _pwrite(fd: int, data, offset: int, folder: str | Path | None) -> None:
                 n = os.pwrite(fd, view, offset + len(data) - len(view))
                 view = view[n:]
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        where = folder if folder is not None else tempfile.gettempdir()
-        raise TuneforgeError(
-            f"{where}: no space left for the dedup index's temporary files (about 0.7 KB per "
-            "distinct record); free some space, or point TMPDIR / the output elsewhere"
-        ) from None
+        _disk_error(e, folder)
+
+
+def _disk_error(e: OSError, folder: str | Path | None) -> None:
+    """Raise ``e`` again, or a one-line ``TuneforgeError`` if the disk is full."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise e
+    where = folder if folder is not None else tempfile.gettempdir()
+    raise TuneforgeError(
+        f"{where}: no space left for the dedup index's temporary files (about 0.7 KB per "
+        "distinct record); free some space, or point TMPDIR / the output elsewhere"
+    ) from None
 
 
 class SpillFile:
@@ -71,7 +76,7 @@ class SpillFile:
         self.folder = folder
         self._file = _temp_file(folder)
         self.fd = self._file.fileno()
-        self._buffer_bytes = _BUFFER_BYTES if buffer_bytes is None else buffer_bytes
+        self.buffer_bytes = _BUFFER_BYTES if buffer_bytes is None else buffer_bytes
         self.tail = bytearray()  # bytes from ``flushed`` on, not written yet
         self.flushed = 0
         self.size = 0  # bytes appended in all
@@ -81,7 +86,7 @@ class SpillFile:
         offset = self.size
         self.tail += data
         self.size += len(data)
-        if len(self.tail) >= self._buffer_bytes:
+        if len(self.tail) >= self.buffer_bytes:
             self.flush()
         return offset
 
@@ -290,10 +295,19 @@ class ChainTable:
         k = self.n
         self.n += 1
         new = (k + 1).to_bytes(4, "little")
-        fd, folder, n, mask = self._heads.fd, self.folder, self.n_slots, self.n_slots - 1
-        for band, h in enumerate(hashes):
-            self._bands[band].append(_ENTRY.pack(h, heads[band]))
-            _pwrite(fd, new, 4 * (band * n + (h & mask)), folder)
+        pwrite, pack, fd = os.pwrite, _ENTRY.pack, self._heads.fd
+        n, mask = self.n_slots, self.n_slots - 1
+        try:
+            for band, rows in enumerate(self._bands):  # SpillFile.append inlined
+                h = hashes[band]
+                rows.tail += pack(h, heads[band])
+                rows.size += 8
+                pwrite(fd, new, 4 * (band * n + (h & mask)))  # 4 bytes: never a short write
+        except OSError as e:
+            _disk_error(e, self.folder)
+        if len(self._bands[0].tail) >= self._bands[0].buffer_bytes:  # the files grow alike
+            for rows in self._bands:
+                rows.flush()
         if k + 1 > self.max_load * n:
             self._rehash(2 * n)
         return k
