@@ -301,7 +301,8 @@ class DedupReport:
         return self._log.n_clusters if self._log is not None else 0
 
     def clusters(self) -> Iterator[Cluster]:
-        """Kept record -> the duplicates removed in its favour, in order of first duplicate."""
+        """Each kept record with the duplicates removed in its favour, in order of first
+        duplicate (none without ``log_duplicates``)."""
         return self._log.clusters() if self._log is not None else iter(())
 
     @property
@@ -342,7 +343,7 @@ class Deduper:
         self._exact = KeySet(folder=folder)  # exact key -> kept index
         self._kept = SourceList(folder)  # kept index -> source
         self._cluster_of = IntFile(folder)  # kept index -> its cluster + 1 (0: none yet)
-        self.clusters = 0  # kept records with a duplicate so far
+        self.n_clusters = 0  # kept records with a duplicate so far
 
     def check(self, text: str, source: str) -> Duplicate | None:
         """None if ``text`` is new (it is remembered), else what it duplicates."""
@@ -367,7 +368,7 @@ class Deduper:
     def _duplicate(self, source: str, first: int, kind: str, sim: float) -> Duplicate:
         cluster = self._cluster_of.get(first) - 1
         if cluster < 0:
-            cluster, self.clusters = self.clusters, self.clusters + 1
+            cluster, self.n_clusters = self.n_clusters, self.n_clusters + 1
             self._cluster_of.set(first, cluster + 1)
         return Duplicate(source, self._kept[first], kind, sim, cluster)
 

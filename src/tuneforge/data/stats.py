@@ -164,8 +164,8 @@ def compute_stats(
     st.duplicate_rate = st.exact_duplicates / usable
     st.distinct_1 = len(unigrams) / n_uni if n_uni else 0.0
     st.distinct_2 = len(bigrams) / n_bi if n_bi else 0.0
-    st.clusters = deduper.clusters
-    st.near_duplicate_share = (deduper.clusters + duplicates) / usable
+    st.clusters = deduper.n_clusters
+    st.near_duplicate_share = (deduper.n_clusters + duplicates) / usable
     return st
 
 
