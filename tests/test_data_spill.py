@@ -49,11 +49,18 @@ def test_rows_strings_and_sparse_ints_round_trip(tmp_path, tiny_buffers):
     assert [rows.row(k) for k in range(100)] == data and len(rows) == 100
     assert b"".join(b for _, b in rows.blocks()) == b"".join(data)  # 8 rows a block
     strings = Strings(tmp_path)
-    texts = ["", "data/a:b.jsonl:1", "zürich/日本.jsonl:22", "x" * 300, "line\nbreak"]
-    assert [strings.append(t) for t in texts * 3] == list(range(15))
-    assert [strings[i] for i in range(15)] == texts * 3
+    texts = [
+        "",
+        "data/a:b.jsonl:1",
+        "zürich/日本.jsonl:22",
+        "x" * 300,
+        "line\nbreak",
+        "bad\udcff.jsonl:3",
+    ]
+    assert [strings.append(t) for t in texts * 3] == list(range(18))
+    assert [strings[i] for i in range(18)] == texts * 3
     with pytest.raises(IndexError):
-        strings[15]
+        strings[18]
     ints = IntFile(tmp_path)
     assert ints.get(10**6) == 0  # never written (past the end of the file)
     ints.set(10**6, -7)

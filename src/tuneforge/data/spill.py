@@ -201,7 +201,7 @@ class Strings:
 
     def append(self, s: str) -> int:
         """Store ``s``; returns its number."""
-        self._text.append(s.encode("utf-8"))
+        self._text.append(s.encode("utf-8", "surrogateescape"))  # any path name
         return self._ends.add(self._text.size.to_bytes(8, "little"))
 
     def __getitem__(self, i: int) -> str:
@@ -212,7 +212,7 @@ class Strings:
         else:
             bounds = self._ends.read(8 * (i - 1), 16)
             start, end = int.from_bytes(bounds[:8], "little"), int.from_bytes(bounds[8:], "little")
-        return self._text.read(start, end - start).decode("utf-8")
+        return self._text.read(start, end - start).decode("utf-8", "surrogateescape")
 
     def close(self) -> None:
         """Delete the files."""
