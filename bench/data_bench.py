@@ -8,8 +8,8 @@
     seconds: on a machine shared with other jobs, wall time mostly measures the others.
 (b) peak RSS (VmHWM of a fresh process) of ``clean`` and ``dedup`` on a small file and on
     a file of a few hundred MB, next to the RSS right after imports. Streaming commands should
-    stay flat; dedup's index grows with the number of distinct records, not with their size
-    ("per kept record": growth in bytes / records kept).
+    stay flat, dedup included: its index is in temporary files ("per kept record": growth in
+    bytes / records kept; with the index on disk the growth is fixed buffers, not per record).
 
 Numbers are printed (a Markdown table), never asserted. Files go to a temporary folder.
 """

@@ -1,15 +1,32 @@
-"""data.lsh_index: the compact MinHash LSH index, key set and source list against references
-(datasketch's MinHashLSH, a dict, a list)."""
+"""data.lsh_index: the disk-backed MinHash LSH index, key set and source list against in-memory
+references (datasketch's MinHashLSH, a dict, a list), alone and as ``dedup`` uses them."""
 
 import hashlib
+import json
+import os
 import random
 
 import numpy as np
 import pytest
 from datasketch import MinHashLSH
 
+from tuneforge.cli import main
+from tuneforge.data import lsh_index, spill
+from tuneforge.data.fields import record_text
 from tuneforge.data.lsh_index import KeySet, NearDuplicateIndex, SourceList
-from tuneforge.data.quality import Deduper, Duplicate, exact_key, normalize_for_match
+from tuneforge.data.quality import (
+    Deduper,
+    DedupReport,
+    Duplicate,
+    dedup_file,
+    dedup_records,
+    exact_key,
+    normalize_for_match,
+)
+from tuneforge.data.stream import dumps, read_stream
+from tuneforge.errors import TuneforgeError
+
+from .conftest import write_jsonl
 
 
 class ReferenceIndex:
@@ -81,8 +98,9 @@ def test_near_index_gives_datasketch_candidates_and_matches(threshold, n):
     assert index.size == n
     # the test covered what it claims: many matches, and candidates below the threshold
     assert queries_matched > n // 10 and queries_rejected > n // 50
-    if n > 2048:  # compact: well under datasketch's ~4 KB per record (signature: 512 bytes)
-        assert index.nbytes < 1024 * n
+    # on disk: signatures and chains (~600 bytes a record); in memory only the write buffers
+    assert index.disk_bytes > 512 * n and index.nbytes <= (512 + 11 * 64) * 1024
+    index.close()
 
 
 def test_deduper_keeps_and_reports_as_the_reference():
@@ -128,21 +146,101 @@ def test_key_set_numbers_keys_across_rehashes_and_long_chains():
     assert ks.find(301 << 40) == -1
 
 
-def test_source_list_is_compact_for_one_file_and_falls_back_otherwise():
-    one = SourceList()
-    for line in range(1, 5001):
-        one.append(f"a/b:c.jsonl:{line}")
-    assert len(one) == 5000 and one._strings is None
-    assert [one[i] for i in (0, 4096, 4999)] == [
-        "a/b:c.jsonl:1",
-        "a/b:c.jsonl:4097",
-        "a/b:c.jsonl:5000",
-    ]
+def test_source_list_keeps_any_source():
+    sources = SourceList()
+    names = [f"a/b:c.jsonl:{line}" for line in range(1, 5001)] + ["x.jsonl:007", "no-line", "ü:1"]
+    for name in names:
+        sources.append(name)
+    assert len(sources) == len(names) and [sources[i] for i in range(len(names))] == names
     with pytest.raises(IndexError):
-        one[5000]
-    sources = ["x.jsonl:1", "x.jsonl:2", "x.jsonl:007", "y.jsonl:3", "x.jsonl:4", "no-line"]
-    for cut in range(1, len(sources) + 1):  # the fallback keeps what came before, exactly
-        mixed = SourceList()
-        for s in sources[:cut]:
-            mixed.append(s)
-        assert [mixed[i] for i in range(len(mixed))] == sources[:cut]
+        sources[len(names)]
+    sources.close()
+
+
+def reference_dedup(path, threshold: float = 0.85) -> tuple[str, dict]:
+    """Dedup as it was with everything in memory: a dict of exact keys, a list of kept sources,
+    datasketch's MinHashLSH (``ReferenceIndex``); the output file's text and the --report."""
+    exact: dict[int, int] = {}
+    kept: list[str] = []
+    ref, signer = ReferenceIndex(threshold), NearDuplicateIndex(threshold)
+    out, clusters = [], {}
+    counts = {"records": 0, "kept": 0, "exact": 0, "near": 0}
+    for rec in read_stream(path):
+        counts["records"] += 1
+        norm = normalize_for_match(record_text(rec.data, "instruction"))
+        key = exact_key(norm, normalized=True)
+        sig = signer.signature(norm, normalized=True)
+        if key in exact:
+            dup = {"source": rec.source, "kept": kept[exact[key]], "kind": "exact"}
+            dup["similarity"] = 1.0
+        elif found := ref.matches(sig):
+            dup = {"source": rec.source, "kept": kept[found[0][0]], "kind": "near"}
+            dup["similarity"] = found[0][1]
+        else:
+            exact[key] = len(kept)
+            kept.append(rec.source)
+            ref.add(sig)
+            out.append(dumps(rec.data))
+            counts["kept"] += 1
+            continue
+        counts[dup["kind"]] += 1
+        clusters.setdefault(dup["kept"], []).append(dup)
+    signer.close()
+    clusters = [{"kept": k, "removed": dups} for k, dups in clusters.items()]
+    return "".join(out), {**counts, "clusters": clusters}
+
+
+def test_dedup_on_disk_gives_the_in_memory_output_and_report(tmp_path, monkeypatch, capsys):
+    """`tuneforge data dedup` against ``reference_dedup`` on 4000 records, from 16 slots per
+    band (8 rehashes, the last in 256 passes of 16 slots per band), with 64-byte write buffers:
+    the same output bytes and the same --report (clusters in order, every removed record)."""
+    monkeypatch.setattr(lsh_index, "_FIRST_SLOTS", 16)
+    monkeypatch.setattr(lsh_index, "_SIGNATURE_BUFFER", 1024)
+    monkeypatch.setattr(spill, "_BUFFER_BYTES", 64)
+    monkeypatch.setattr(spill, "_BLOCK_BYTES", 256)
+    monkeypatch.setattr(spill, "_REHASH_HEAD_BYTES", 64)
+    rows = [{"instruction": "Say it.", "output": t} for t in planted_texts(4000, seed=5)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    want_text, want_report = reference_dedup(src)
+    assert want_report["exact"] > 200 and want_report["near"] > 200, (
+        want_report
+    )  # many of both kinds
+    rc = main(
+        ["data", "dedup", str(src), "-o", str(tmp_path / "o.jsonl")]
+        + ["--report", str(tmp_path / "r.json")]
+    )
+    assert rc == 0
+    assert (tmp_path / "o.jsonl").read_text() == want_text
+    assert (tmp_path / "r.json").read_text() == json.dumps(want_report, indent=2) + "\n"
+    summary = capsys.readouterr().out.splitlines()[0]
+    assert summary.endswith(f"in {len(want_report['clusters'])} clusters")
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "o.jsonl", "r.json"]
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_dedup_deletes_its_temporary_files_on_success_error_and_interrupt(tmp_path):
+    rows = [{"text": t} for t in planted_texts(300, seed=7)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    before = open_files()
+    with dedup_file(src, tmp_path / "o.jsonl") as rep:
+        assert rep.exact > 0 and rep.near > 0 and open_files() > before  # the log is open
+    assert open_files() == before
+    with open(src, "a") as f:
+        f.write('{"text": "cut off\n')
+    with pytest.raises(TuneforgeError, match="in.jsonl:301: invalid JSON"):
+        dedup_file(src, tmp_path / "o2.jsonl")
+    assert open_files() == before
+
+    def interrupted():
+        yield from list(read_stream(tmp_path / "o.jsonl"))[:100]
+        raise KeyboardInterrupt
+
+    report = DedupReport(folder=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        list(dedup_records(interrupted(), report, folder=tmp_path))
+    report.close()
+    assert open_files() == before
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "o.jsonl"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
@@ -18,8 +19,25 @@ def _write_report(path: str | None, obj: dict) -> None:
 
     if Path(path).suffix.lower() != ".json":
         raise TuneforgeError(f"{path}: the report is JSON; give the file a .json name")
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)  # written as encoded: see _Streamed
+        f.write("\n")
+
+
+class _Streamed(list):
+    """A list for ``json.dump`` whose items are made while it is written, so a report of any
+    size is never whole in memory. (``json.dump`` with ``indent`` encodes in Python: it asks a
+    list if it is empty, then iterates it once.)"""
+
+    def __init__(self, items: Iterable, n: int):
+        super().__init__()
+        self._items, self._n = items, n
+
+    def __iter__(self) -> Iterator:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return self._n
 
 
 def _check_report_name(path: str | None) -> None:
@@ -122,38 +140,57 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
+    from itertools import islice
+
     from tuneforge.data.quality import dedup_file
 
     _check_report_name(args.report)
-    rep = dedup_file(args.file, args.out, args.threshold, args.ngram, near=not args.exact_only)
-    clusters = rep.clusters()
-    print(
-        f"{args.file}: kept {rep.kept} of {rep.records} records; removed {rep.exact} exact and "
-        f"{rep.near} near duplicates (Jaccard >= {args.threshold:g} on word {args.ngram}-grams) "
-        f"in {len(clusters)} clusters"
-    )
-    for kept, dups in list(clusters.items())[:SHOW]:
-        removed = ", ".join(
-            d.source if d.kind == "exact" else f"{d.source} (~{d.similarity:.2f})" for d in dups
-        )
-        print(f"  kept {kept}; removed {removed}")
-    if len(clusters) > SHOW:
+    with dedup_file(args.file, args.out, args.threshold, args.ngram, not args.exact_only) as rep:
         print(
-            f"  ... {len(clusters) - SHOW} more clusters"
-            + ("" if args.report else " (--report FILE.json lists all)")
+            f"{args.file}: kept {rep.kept} of {rep.records} records; removed {rep.exact} exact "
+            f"and {rep.near} near duplicates (Jaccard >= {args.threshold:g} on word "
+            f"{args.ngram}-grams) in {rep.n_clusters} clusters"
         )
-    _write_report(
-        args.report,
-        {
-            "records": rep.records,
-            "kept": rep.kept,
-            "exact": rep.exact,
-            "near": rep.near,
-            "clusters": [
-                {"kept": k, "removed": [vars(d) for d in dups]} for k, dups in clusters.items()
-            ],
-        },
-    )
+        for cluster in islice(rep.clusters(), SHOW):
+            removed = ", ".join(
+                d.source if d.kind == "exact" else f"{d.source} (~{d.similarity:.2f})"
+                for d in islice(cluster.removed(), SHOW)
+            )
+            more = f" and {cluster.size - SHOW} more" if cluster.size > SHOW else ""
+            print(f"  kept {cluster.kept}; removed {removed}{more}")
+        if rep.n_clusters > SHOW:
+            print(
+                f"  ... {rep.n_clusters - SHOW} more clusters"
+                + ("" if args.report else " (--report FILE.json lists all)")
+            )
+        clusters = (
+            {
+                "kept": c.kept,
+                "removed": _Streamed(
+                    (
+                        {
+                            "source": d.source,
+                            "kept": d.kept,
+                            "kind": d.kind,
+                            "similarity": d.similarity,
+                        }
+                        for d in c.removed()
+                    ),
+                    c.size,
+                ),
+            }
+            for c in rep.clusters()
+        )
+        _write_report(
+            args.report,
+            {
+                "records": rep.records,
+                "kept": rep.kept,
+                "exact": rep.exact,
+                "near": rep.near,
+                "clusters": _Streamed(clusters, rep.n_clusters),
+            },
+        )
     print(f"wrote {args.out}")
     return 0
 

@@ -65,10 +65,10 @@ def _load(path: str, cfg: DataConfig, dedup: bool, log: Callable[[str], None]) -
                 f"{path}: data.clean dropped every record; see `tuneforge data clean`"
             )
     if dedup:
-        rep = DedupReport()
+        rep = DedupReport(log_duplicates=False)  # counts and the first one are printed
         records = list(dedup_records(records, rep, cfg.dedup_threshold))
-        if rep.duplicates:
-            d = rep.duplicates[0]
+        if rep.first is not None:
+            d = rep.first
             log(
                 f"data.dedup: {path}: dropped {rep.exact} exact and {rep.near} near duplicates "
                 f"of {rep.records} records; e.g. {d.source} repeats {d.kept}"

@@ -8,7 +8,6 @@ same code as ``train`` (``render.render_messages``), so "longer than max_length"
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,37 +115,37 @@ def compute_stats(
         ngram: words per shingle.
     """
     st = DataStats(str(path), max_length=max_length)
-    deduper = Deduper(threshold, ngram)
-    cluster_sizes: Counter = Counter()  # kept source -> duplicates of it
     unigrams: set[int] = set()
     bigrams: set[int] = set()
     n_uni = n_bi = 0
     turns: list[int] = []
-    for rec in read_stream(path):
-        st.records += 1
-        fmt = detect_format(rec.data)
-        st.format = st.format or fmt
-        if fmt is None or any(
-            k not in ("empty-user-turn", "identical-replies")
-            for _, k, _ in check_record(rec.data, fmt)
-        ):
-            st.unusable += 1
-            continue
-        dup = deduper.check(record_text(rec.data, fmt), rec.source)
-        if dup is not None:
-            cluster_sizes[dup.kept] += 1
-            st.exact_duplicates += dup.kind == "exact"
-        words = _WORD.findall(normalize_for_match(prompt_text(rec.data, fmt)))
-        n_uni += len(words)
-        n_bi += max(0, len(words) - 1)
-        unigrams.update(hash(w) for w in words)
-        bigrams.update(hash((a, b)) for a, b in zip(words, words[1:], strict=False))
-        turns.append(_turns(rec.data, fmt))
-        if tokenizer is not None:
-            try:
-                st.lengths.append(record_tokens(tokenizer, rec.data, fmt))
-            except TuneforgeError:
+    duplicates = 0
+    with Deduper(threshold, ngram) as deduper:  # its index is in temporary files
+        for rec in read_stream(path):
+            st.records += 1
+            fmt = detect_format(rec.data)
+            st.format = st.format or fmt
+            if fmt is None or any(
+                k not in ("empty-user-turn", "identical-replies")
+                for _, k, _ in check_record(rec.data, fmt)
+            ):
                 st.unusable += 1
+                continue
+            dup = deduper.check(record_text(rec.data, fmt), rec.source)
+            if dup is not None:
+                duplicates += 1
+                st.exact_duplicates += dup.kind == "exact"
+            words = _WORD.findall(normalize_for_match(prompt_text(rec.data, fmt)))
+            n_uni += len(words)
+            n_bi += max(0, len(words) - 1)
+            unigrams.update(hash(w) for w in words)
+            bigrams.update(hash((a, b)) for a, b in zip(words, words[1:], strict=False))
+            turns.append(_turns(rec.data, fmt))
+            if tokenizer is not None:
+                try:
+                    st.lengths.append(record_tokens(tokenizer, rec.data, fmt))
+                except TuneforgeError:
+                    st.unusable += 1
     usable = st.records - st.unusable
     if usable == 0:
         raise TuneforgeError(f"{path}: no usable record (run `tuneforge data validate {path}`)")
@@ -165,8 +164,8 @@ def compute_stats(
     st.duplicate_rate = st.exact_duplicates / usable
     st.distinct_1 = len(unigrams) / n_uni if n_uni else 0.0
     st.distinct_2 = len(bigrams) / n_bi if n_bi else 0.0
-    st.clusters = len(cluster_sizes)
-    st.near_duplicate_share = (len(cluster_sizes) + sum(cluster_sizes.values())) / usable
+    st.clusters = deduper.n_clusters
+    st.near_duplicate_share = (deduper.n_clusters + duplicates) / usable
     return st
 
 

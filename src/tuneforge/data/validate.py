@@ -17,6 +17,7 @@ from typing import Any
 
 from tuneforge.data.fields import record_text
 from tuneforge.data.io import Record
+from tuneforge.data.lsh_index import KeySet, SourceList
 from tuneforge.data.records import ROLES, detect_format, to_messages
 from tuneforge.data.stream import BadLine, FormatGuard, scan
 from tuneforge.errors import TuneforgeError
@@ -202,32 +203,40 @@ def iter_problems(path: str | Path, report: ValidationReport) -> Iterator[Proble
         TuneforgeError: the file is missing, binary, or holds no records.
     """
     guard = FormatGuard(path)
-    seen: dict[int, str] = {}
-    for item in scan(path):
-        report.records += 1  # a line that should have been a record counts as one
-        if isinstance(item, BadLine):
-            found = [Problem(item.source, "", item.kind, item.message)]
-        else:
-            mixed = guard.mismatch(item)
-            fmt = detect_format(item.data)
-            if mixed:
-                found = [Problem(item.source, "", "mixed-format", mixed)]
+    # hash -> first source, in temporary files: memory stays flat however long the file
+    seen, sources = KeySet(), SourceList()
+    try:
+        for item in scan(path):
+            report.records += 1  # a line that should have been a record counts as one
+            if isinstance(item, BadLine):
+                found = [Problem(item.source, "", item.kind, item.message)]
             else:
-                found = record_problems(item, fmt)
-                key = int.from_bytes(
-                    hashlib.blake2b(record_text(item.data, fmt).encode(), digest_size=8).digest()
-                )
-                if key in seen:
-                    found.append(
-                        Problem(item.source, "", "duplicate", f"the same record as {seen[key]}")
-                    )
+                mixed = guard.mismatch(item)
+                fmt = detect_format(item.data)
+                if mixed:
+                    found = [Problem(item.source, "", "mixed-format", mixed)]
                 else:
-                    seen[key] = item.source
-        if isinstance(item, BadLine) or any(p.unusable for p in found):
-            report.unusable_records += 1
-        for p in found:
-            report.counts[p.kind] += 1
-            yield p
+                    found = record_problems(item, fmt)
+                    text = record_text(item.data, fmt).encode()
+                    key = int.from_bytes(hashlib.blake2b(text, digest_size=8).digest())
+                    first = seen.find(key)
+                    if first >= 0:
+                        found.append(
+                            Problem(
+                                item.source, "", "duplicate", f"the same record as {sources[first]}"
+                            )
+                        )
+                    else:
+                        seen.add(key)
+                        sources.append(item.source)
+            if isinstance(item, BadLine) or any(p.unusable for p in found):
+                report.unusable_records += 1
+            for p in found:
+                report.counts[p.kind] += 1
+                yield p
+    finally:
+        seen.close()
+        sources.close()
     report.format = guard.format
     if report.records == 0:
         raise TuneforgeError(f"{path}: no records (the file is empty)")
