@@ -16,9 +16,10 @@ process, loading included, is printed too.
 
 qlora: the base is loaded as tuneforge.train loads it (methods.quantize.load_quantized_model:
 NF4, double quantization, fp32 compute, the tied embedding / head in 4 bits too) and gets the
-same LoRA through tuneforge's apply_method. Each method runs twice: "tuneforge" fixes glibc's mmap
-threshold first, as tuneforge.train.train does (train/memory.py); "glibc" keeps the C library's
-defaults (a MALLOC_* environment is removed for both).
+same LoRA through tuneforge's apply_method. Each method runs twice: "tuneforge" runs as
+`tuneforge train` does (train/memory.py): under jemalloc when it is installed, else with glibc's
+mmap threshold fixed; "glibc" keeps the C library's defaults (a MALLOC_* environment is removed
+for both). The header names the allocator "tuneforge" ran with.
 Numbers are printed, not asserted.
 """
 
@@ -35,9 +36,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# tuneforge: as tuneforge.train.train runs, glibc mmap threshold fixed (train/memory.py)
-# (train/memory.py); glibc: the C library's defaults (dynamic threshold), for comparison.
+# tuneforge: as `tuneforge train` runs (jemalloc if installed, else glibc's mmap threshold fixed;
+# train/memory.py); glibc: the C library's defaults (dynamic threshold), for comparison.
 MALLOCS = ("tuneforge", "glibc")
+sys.path.insert(0, str(ROOT / "src"))
+from tuneforge.train.memory import find_jemalloc  # noqa: E402
+
+TUNEFORGE_MALLOC = "jemalloc" if find_jemalloc() else "glibc, mmap threshold 1 MiB"
 CONFIG = {
     "model": "smollm2-135m-instruct",
     "output_dir": "/tmp/unused",
@@ -62,9 +67,9 @@ def rss_kib(field: str) -> int:
 
 def child(method: str, steps: int, out: Path, malloc: str) -> None:
     if malloc == "tuneforge":  # what tuneforge.train.train does first (train/memory.py)
-        from tuneforge.train.memory import return_freed_memory
+        from tuneforge.train.memory import allocator, return_freed_memory
 
-        assert return_freed_memory()
+        assert return_freed_memory() or allocator() == "jemalloc"
     import bitsandbytes  # noqa: F401  (imported before the baseline, as qlora needs it)
     import peft  # noqa: F401
     import torch
@@ -181,6 +186,8 @@ def main() -> int:
             cmd += ["--steps", str(args.steps), "--malloc", malloc]
             env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
             env["TOKENIZERS_PARALLELISM"] = "false"
+            if malloc == "tuneforge" and find_jemalloc():  # as `tuneforge train` re-executes
+                env["LD_PRELOAD"] = find_jemalloc()
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0:
                 print(f"{method} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
@@ -194,7 +201,7 @@ def main() -> int:
         f"{args.steps} steps; MiB above the process baseline (imports + data, before model load)\n"
     )
     print(
-        "| method | estimate MiB | measured MiB (tuneforge: mmap threshold fixed) | "
+        f"| method | estimate MiB | measured MiB (tuneforge: {TUNEFORGE_MALLOC}) | "
         "estimate / measured | measured MiB (glibc default, threshold not set) | "
         "estimate / measured | "
         "whole-process peak MiB | est. s/step | measured s/step (wall) | CPU s/step / threads |"

@@ -335,7 +335,8 @@ def layer_activations(shape: ModelShape, s: MethodSettings) -> tuple[float, floa
     A trainable base also keeps each norm's normalised value, the inputs of q/k/v and gate/up (the
     norm outputs) and the down projection's input. A LoRA layer keeps its rank-r hidden and its
     input (shared by q/k/v, by gate/up); with dropout each adapted layer keeps its own dropped
-    input and the dropout mask instead.
+    input and the dropout mask instead (one byte per element, ``methods/fast_dropout.py``: counted
+    as a quarter of an fp32 element).
     """
     d, I, kv, H = shape.hidden, shape.intermediate, shape.kv_dim, shape.heads  # noqa: E741
     norm = 2 * d + 2 + H  # norm inputs, 1/rms, log-sum-exp (fp32)
@@ -343,19 +344,20 @@ def layer_activations(shape: ModelShape, s: MethodSettings) -> tuple[float, floa
     if s.name == "full":
         return norm, base + 4 * d + I
     if s.name in ("lora", "rslora", "qlora", "dora"):
-        extra = 0.0
+        extra = masks = 0.0
         groups: dict[str, list[Linear]] = {}
         for x in shape.targets(s.target_modules):
             groups.setdefault(_input_group(x.name), []).append(x)
         for group, members in groups.items():
             extra += s.r * len(members)
-            if s.lora_dropout > 0:
-                extra += sum(2 * x.in_features for x in members)  # dropped copy + mask, each
+            if s.lora_dropout > 0:  # a dropped copy and a bool mask, each
+                extra += sum(x.in_features for x in members)
+                masks += sum(x.in_features for x in members) / 4
             elif group != "attn_out":  # o_proj's input is SDPA's output, kept anyway
                 extra += members[0].in_features  # one shared input per group
         if s.name == "dora":  # DoRA rescales the base output: keeps it and the LoRA output
             extra += sum(2 * x.out_features for x in shape.targets(s.target_modules))
-        return norm, base + extra
+        return norm + masks, base + extra
     if s.name == "ia3":  # scaled k, v and down input are kept for the scale's gradient
         return norm, base + 2 * kv + 2 * I
     if s.name == "adapter":  # per bottleneck: its input, hidden and activation
