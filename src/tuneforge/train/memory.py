@@ -8,9 +8,9 @@ class and returns idle pages after a delay: on the built-in model (bench/sft_ben
 LoRA, 1 thread, back to back on a quiet machine) it gave 29.3 supervised tok/s at 2564 MB peak
 RSS, against 27.4 at 2753 MB with glibc at a 1 MiB threshold (with another job on the second
 core: 55.3 / 2564 against 42.0 / 2766, and 50.9 / 4106 with glibc keeping its heap). A library
-cannot change its process's allocator, so ``tuneforge train`` re-executes itself once with jemalloc in
-``LD_PRELOAD`` when it finds ``libjemalloc.so`` (Debian/Ubuntu: ``apt install libjemalloc2``;
-conda: ``conda install jemalloc``). ``TUNEFORGE_MALLOC=glibc`` turns this off.
+cannot change its process's allocator, so ``tuneforge train`` re-executes itself once with
+jemalloc in ``LD_PRELOAD`` when it finds ``libjemalloc.so`` (Debian/Ubuntu: ``apt install
+libjemalloc2``; conda: ``conda install jemalloc``). ``TUNEFORGE_MALLOC=glibc`` turns this off.
 
 **glibc otherwise.** glibc serves an allocation of at least ``M_MMAP_THRESHOLD`` bytes (128 KiB at
 start) by its own ``mmap``, returned to the system on free. But the threshold is dynamic: each
