@@ -4,6 +4,7 @@
 PY ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -22,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/dates/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

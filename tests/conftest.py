@@ -13,8 +13,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-# 2 threads on the 2-core CI machine; OMP_NUM_THREADS=1 is much faster on a machine shared with
-# other jobs (spinning OpenMP threads under oversubscription).
+# `make test` runs two pytest workers (pytest-xdist): one thread each, and the same for the
+# tuneforge processes the tests start, so 2 cores hold 2 threads (spinning OpenMP threads under
+# oversubscription are much slower). A single pytest process takes 2 threads on the 2-core machine.
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("OMP_NUM_THREADS"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(
     int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(2, os.cpu_count() or 1))
 )
