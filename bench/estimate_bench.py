@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # train/memory.py); glibc: the C library's defaults (dynamic threshold), for comparison.
 MALLOCS = ("tuneforge", "glibc")
 sys.path.insert(0, str(ROOT / "src"))
-from tuneforge.train.memory import find_jemalloc  # noqa: E402
+from tuneforge.train.memory import find_jemalloc, preload_jemalloc  # noqa: E402
 
 TUNEFORGE_MALLOC = "jemalloc" if find_jemalloc() else "glibc, mmap threshold 1 MiB"
 CONFIG = {
@@ -186,8 +186,8 @@ def main() -> int:
             cmd += ["--steps", str(args.steps), "--malloc", malloc]
             env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
             env["TOKENIZERS_PARALLELISM"] = "false"
-            if malloc == "tuneforge" and find_jemalloc():  # as `tuneforge train` re-executes
-                env["LD_PRELOAD"] = find_jemalloc()
+            if malloc == "tuneforge":  # as `tuneforge train` re-executes (train/memory.py)
+                env = preload_jemalloc(env) or env
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0:
                 print(f"{method} failed:\n{r.stderr[-3000:]}", file=sys.stderr)

@@ -267,16 +267,13 @@ def child_env(system: str) -> dict:
     """The allocator each system runs with: tuneforge as `tuneforge train` runs (jemalloc when
     installed, train/memory.py); the others with the system's malloc, as their users run them,
     unless the system is named with +jemalloc (e.g. hf+jemalloc). tuneforge+glibc opts out."""
-    from tuneforge.train.memory import CHOICE_ENV, find_jemalloc
+    from tuneforge.train.memory import CHOICE_ENV, preload_jemalloc
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     name, _, malloc = system.partition("+")
     if name == "tuneforge":
         malloc = malloc or os.environ.get(CHOICE_ENV, "jemalloc")
-    lib = find_jemalloc()
-    if malloc == "jemalloc" and lib is not None:
-        env["LD_PRELOAD"] = lib
-    return env
+    return (malloc == "jemalloc" and preload_jemalloc(env)) or env
 
 
 def main() -> int:

@@ -1,6 +1,7 @@
 """train/memory.py: with glibc's mmap threshold fixed, freed tensors leave the process; without
 it, they stay as heap holes (the gap between estimated and measured peak memory)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -39,7 +40,8 @@ print(rss_mib() - before)
 
 
 def kept_mib(mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    # glibc's own malloc, whatever the test process runs with
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "LD_PRELOAD"))}
     env["PYTHONPATH"] = SRC
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True, check=True
@@ -89,8 +91,6 @@ def _train_cli(tmp_path: Path, env: dict, name: str):
 
 
 def _summary_malloc(out: Path) -> str:
-    import json
-
     return json.loads((out / "summary.json").read_text())["malloc"]
 
 

@@ -1,9 +1,10 @@
-"""LoRA dropout whose mask costs a tenth of ``nn.Dropout``'s on a CPU.
+"""LoRA dropout whose mask costs about a third of ``nn.Dropout``'s on a CPU.
 
 peft puts an ``nn.Dropout`` in front of every LoRA A matrix. On a CPU its mask comes from
 ``bernoulli_``, one random draw per element: on the built-in model (2 x 512-token rows, 2
 threads) that was 8% of a LoRA training step, more than the 576 x 576 matmul the mask feeds. Here
-the mask is cut from bulk random bits instead: one 64-bit draw gives four 15-bit numbers, and an
+the mask is cut from bulk random bits instead (0.8-1.2 ms for a 1024 x 576 input against
+``bernoulli_``'s 2.9 ms, 2 threads): one 64-bit draw gives four 15-bit numbers, and an
 element is dropped when its number is below ``round(p * 2**15)``. The drop probability is that
 threshold over 2**15 (within 1.6e-5 of ``p``), and kept values are scaled by the inverse of the
 keep probability, so the layer stays unbiased, as ``nn.Dropout`` is. Masks come from torch's

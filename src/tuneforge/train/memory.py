@@ -39,6 +39,8 @@ import os
 import sys
 from pathlib import Path
 
+from tuneforge.errors import TuneforgeError
+
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 MMAP_THRESHOLD = 1024 * 1024  # see the module docstring for the measured trade-off
 ENV = "MALLOC_MMAP_THRESHOLD_"
@@ -63,6 +65,15 @@ def find_jemalloc() -> str | None:
     return None
 
 
+def preload_jemalloc(env: dict[str, str]) -> dict[str, str] | None:
+    """A copy of ``env`` whose processes start with jemalloc (prepended to ``LD_PRELOAD``), or
+    None when jemalloc is not installed."""
+    lib = find_jemalloc()
+    if lib is None:
+        return None
+    return {**env, "LD_PRELOAD": " ".join(p for p in (lib, env.get("LD_PRELOAD")) if p)}
+
+
 def allocator() -> str:
     """The allocator serving this process: ``"jemalloc"`` if it is loaded, else ``"system"``."""
     try:
@@ -78,8 +89,6 @@ def reexec_with_jemalloc() -> None:
     when jemalloc is already in use or not installed, or in a process re-executed already."""
     choice = os.environ.get(CHOICE_ENV, "jemalloc").lower()
     if choice not in ("jemalloc", "glibc"):
-        from tuneforge.errors import TuneforgeError
-
         raise TuneforgeError(f"{CHOICE_ENV}={choice!r}: use jemalloc or glibc")
     if (
         choice == "glibc"
@@ -88,11 +97,9 @@ def reexec_with_jemalloc() -> None:
         or allocator() == "jemalloc"
     ):
         return
-    lib = find_jemalloc()
-    if lib is None:
+    env = preload_jemalloc(dict(os.environ))
+    if env is None:
         return
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = " ".join(p for p in (lib, env.get("LD_PRELOAD")) if p)
     env[_REEXEC_MARK] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
