@@ -66,7 +66,7 @@ def eval_loss(model, tok, samples) -> float:
     return total / units
 
 
-def run_tuneforge(model, tok, train, tmp: Path) -> None:
+def run_tuneforge(model, tok, train, tmp: Path, fused: bool = True) -> None:
     from tuneforge.config import MethodConfig, TrainingConfig
     from tuneforge.methods import apply_method
     from tuneforge.train.loop import Trainer
@@ -82,6 +82,7 @@ def run_tuneforge(model, tok, train, tmp: Path) -> None:
         lr_scheduler="cosine",
         progress=False,
         save_steps=10**9,
+        fused_ops=fused,
         **HP,
     )
     trainer = Trainer(
@@ -233,7 +234,12 @@ def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
 
     torch.manual_seed(0)
     model, tok, train, evals = load_everything(n_train, n_eval)
-    runner = {"tuneforge": run_tuneforge, "hf": run_hf, "trl": run_trl}[system.split("+")[0]]
+    runner = {
+        "tuneforge": run_tuneforge,
+        "tuneforge-plain": lambda *a: run_tuneforge(*a, fused=False),
+        "hf": run_hf,
+        "trl": run_trl,
+    }[system.split("+")[0]]
     with tempfile.TemporaryDirectory() as tmp:
         reset_peak_rss()  # the training peak: the model is loaded, the shared eval comes after
         model, (seconds, cpu_seconds) = runner(model, tok, train, Path(tmp))
@@ -258,6 +264,7 @@ def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
 
 NAMES = {
     "tuneforge": "tuneforge (packed, selective head)",
+    "tuneforge-plain": "tuneforge, training.fused_ops false",
     "hf": "HF Trainer + peft (padded)",
     "trl": "TRL SFTTrainer (packing)",
 }
@@ -271,7 +278,7 @@ def child_env(system: str) -> dict:
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     name, _, malloc = system.partition("+")
-    if name == "tuneforge":
+    if name.startswith("tuneforge"):
         malloc = malloc or os.environ.get(CHOICE_ENV, "jemalloc")
     return (malloc == "jemalloc" and preload_jemalloc(env)) or env
 

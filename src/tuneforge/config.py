@@ -237,6 +237,12 @@ class TrainingConfig:
     compile: bool = _f(
         False, "torch.compile each decoder layer (first steps are slow while it compiles)."
     )
+    fused_ops: bool = _f(
+        True,
+        "Fused RMSNorm, rotary-embedding and LoRA autograd functions for Llama, Mistral and "
+        "Qwen2/3 models (tuneforge/fused.py): the same numbers up to float rounding, fewer passes "
+        "over activations; false runs the models' own code.",
+    )
     progress: bool = _f(True, "Show a progress bar (loss, lr, tokens/s, ETA).")
     # -- preference objectives (dpo, ppo, reward); see train/dpo.py, train/ppo.py, train/reward.py
     beta: float = _f(

@@ -27,6 +27,7 @@ from tuneforge.data.batching import (
 )
 from tuneforge.data.render import Sample
 from tuneforge.errors import TuneforgeError
+from tuneforge.fused import fused_ops
 from tuneforge.methods.peft_methods import is_prompt_learning
 from tuneforge.methods.virtual_packing import packed_row_cost
 from tuneforge.models import weights_dtype
@@ -362,14 +363,15 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> LoopResult:
         """Train to the end (or early stop), resuming from the latest checkpoint if asked."""
-        if not self.varlen_sdpa:
-            return self._run(resume)
-        config = self.model.config
-        config._attn_implementation = register_varlen_sdpa()
-        try:
-            return self._run(resume)
-        finally:
-            config._attn_implementation = "sdpa"
+        with fused_ops(self.model, self.cfg.fused_ops):
+            if not self.varlen_sdpa:
+                return self._run(resume)
+            config = self.model.config
+            config._attn_implementation = register_varlen_sdpa()
+            try:
+                return self._run(resume)
+            finally:
+                config._attn_implementation = "sdpa"
 
     def _run(self, resume: bool = False) -> LoopResult:
         cfg = self.cfg

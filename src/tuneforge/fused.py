@@ -1,0 +1,192 @@
+"""Fused autograd functions for the memory-bound parts of a Llama-family training step.
+
+On a CPU a LoRA step of the built-in model spends about half its time outside matrix
+multiplies, in element-wise passes over activations that autograd records one by one: RMSNorm
+is five of them forward (cast, pow, mean, rsqrt, two multiplies) and more backward; the rotary
+embedding slices, negates and concatenates ``q`` and ``k`` (``rotate_half``), and every slice
+costs a zero-filled full-size gradient in backward; peft's LoRA layer multiplies the whole
+``[tokens x out]`` LoRA output by its scaling and adds it in a separate pass. The functions here
+compute the same values with fewer passes and hand-written backward passes:
+
+- ``rms_norm``: saves the input and one ``rstd`` per token; backward is four passes.
+- ``rotary``: ``x * cos`` plus two in-place ``addcmul_`` on the halves; backward likewise.
+- LoRA: the scaling (and dropout's ``1 / keep``) multiplies the ``[tokens x r]`` A output, and
+  the B product is added into the base output by ``addmm_``.
+
+They give the plain path's numbers up to float rounding (tests compare values and gradients).
+``fused_ops(model)`` switches them on for one model family for the length of a ``with`` block
+(the trainer holds it for a run; ``training.fused_ops: false`` keeps the plain path). Models
+outside ``FAMILIES``, other dtypes than float32 for RMSNorm, DoRA, several active adapters,
+merged or disabled adapters and LoRA layers over quantized bases keep their own code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+# model_type -> the transformers modeling module whose RMSNorm and apply_rotary_pos_emb are the
+# Llama ones (weight * x * rsqrt(mean(x^2) + eps); rotate_half over the two halves of head_dim)
+FAMILIES = {
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
+}
+
+
+# -- RMSNorm ---------------------------------------------------------------------------------------
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, rstd)
+        return (x * rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        gw = grad * weight
+        # d/dx of x * rstd: rstd * (gw - x * rstd^2 * mean(gw * x))
+        dot = (gw * x).mean(-1, keepdim=True).mul_(rstd.pow(2))
+        dx = gw.sub_(x * dot).mul_(rstd)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (grad * x).mul_(rstd).reshape(-1, x.shape[-1]).sum(0)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension."""
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def _rms_norm_forward(plain):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return plain(self, hidden_states)  # the plain path computes in float32 and casts
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    return forward
+
+
+# -- rotary embedding --------------------------------------------------------------------------
+class _Rotary(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) over the halves."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1] // 2
+        out = x * cos
+        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        h = grad.shape[-1] // 2
+        dx = grad * cos
+        dx[..., :h].addcmul_(grad[..., h:], sin[..., h:])
+        dx[..., h:].addcmul_(grad[..., :h], sin[..., :h], value=-1)
+        return dx, None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding of ``x`` (``cos``/``sin`` broadcast against it)."""
+    return _Rotary.apply(x, cos, sin)
+
+
+def _apply_rotary_pos_emb(plain):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if cos.shape[-1] != q.shape[-1] or q.shape[-1] % 2:  # partial rotary: not this layout
+            return plain(q, k, cos, sin, unsqueeze_dim)
+        cos = cos.unsqueeze(unsqueeze_dim)
+        sin = sin.unsqueeze(unsqueeze_dim)
+        return rotary(q, cos, sin), rotary(k, cos, sin)
+
+    return apply_rotary_pos_emb
+
+
+# -- LoRA -----------------------------------------------------------------------------------------
+def _lora_forward(plain):
+    from tuneforge.methods.fast_dropout import BitDropout, keep_mask
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or self.merged or args or kwargs:
+            return plain(self, x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1:
+            return plain(self, x, *args, **kwargs)
+        name = active[0]
+        base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]
+        dropout = self.lora_dropout[name]
+        if (
+            name in getattr(self, "lora_variant", {})  # DoRA and other variants
+            or self.use_dora.get(name, False)
+            or type(base) is not torch.nn.Linear
+            or b.bias is not None
+            or not x.dtype == base.weight.dtype == a.weight.dtype
+            or type(dropout) not in (torch.nn.Identity, torch.nn.Dropout, BitDropout)
+        ):
+            return plain(self, x, *args, **kwargs)
+        scale = self.scaling[name]
+        if type(dropout) is torch.nn.Identity or not dropout.training or dropout.p == 0:
+            dropped = x
+        elif type(dropout) is BitDropout:
+            dropped = x * keep_mask(x.shape, dropout.p, x.device)  # saves the bool mask only
+            scale = scale / dropout.keep  # applied to the [tokens x r] product instead of x
+        else:
+            dropped = dropout(x)
+        out = F.linear(x, base.weight, base.bias)
+        h = F.linear(dropped, a.weight).mul_(scale)  # [..., r]
+        flat = out.view(-1, out.shape[-1])
+        return flat.addmm_(h.view(-1, h.shape[-1]), b.weight.t()).view(out.shape)
+
+    return forward
+
+
+# -- switching them on ------------------------------------------------------------------------
+def family_module(model: torch.nn.Module):
+    """The modeling module whose functions ``fused_ops`` replaces, or None for other models."""
+    config = getattr(model, "config", None)
+    entry = FAMILIES.get(getattr(config, "model_type", None))
+    if entry is None:
+        return None
+    module = sys.modules.get(entry[0])
+    if module is None or not hasattr(module, entry[1]) or not hasattr(module, "rotate_half"):
+        return None
+    return module
+
+
+@contextlib.contextmanager
+def fused_ops(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """Use the fused functions for ``model``'s family inside the block; yields whether they are
+    on. Replaces the family's RMSNorm forward and rotary function and peft's LoRA ``Linear``
+    forward (class attributes, so every model of the family in the process is affected while
+    the block runs), and restores them afterwards."""
+    module = family_module(model) if enabled else None
+    if module is None:
+        yield False
+        return
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    norm = getattr(module, FAMILIES[model.config.model_type][1])
+    saved = [
+        (norm, "forward", norm.forward),
+        (module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb),
+        (LoraLinear, "forward", LoraLinear.forward),
+    ]
+    norm.forward = _rms_norm_forward(norm.forward)
+    module.apply_rotary_pos_emb = _apply_rotary_pos_emb(module.apply_rotary_pos_emb)
+    LoraLinear.forward = _lora_forward(LoraLinear.forward)
+    try:
+        yield True
+    finally:
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)

@@ -1,0 +1,184 @@
+"""Fused RMSNorm, rotary and LoRA autograd functions (tuneforge/fused.py) give the plain numbers."""
+
+import json
+
+import pytest
+import torch
+from transformers.models.llama import modeling_llama
+
+from tuneforge import fused
+from tuneforge.config import MethodConfig, TrainingConfig
+from tuneforge.fused import fused_ops, rms_norm, rotary
+from tuneforge.methods import apply_method
+from tuneforge.models import load_model
+from tuneforge.train.loop import Trainer
+from tuneforge.train.sft import SFTObjective
+
+from .test_batching import make_samples
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
+
+
+def _grads(fn, *inputs, upstream):
+    """fn's output and the gradients of (output * upstream).sum() w.r.t. inputs."""
+    inputs = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*inputs)
+    (out * upstream).sum().backward()
+    return out.detach(), [x.grad for x in inputs]
+
+
+def test_rms_norm_equals_llama_rmsnorm_values_and_gradients():
+    torch.manual_seed(0)
+    norm = modeling_llama.LlamaRMSNorm(96, eps=1e-5)
+    x = torch.randn(3, 17, 96) * 3
+    w = torch.randn(96)
+    up = torch.randn(3, 17, 96)
+
+    ref, (rdx, rdw) = _grads(lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, True) + 1e-5)),
+                             x, w, upstream=up)  # fmt: skip
+    out, (dx, dw) = _grads(lambda x, w: rms_norm(x, w, 1e-5), x, w, upstream=up)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dx, rdx)
+    torch.testing.assert_close(dw, rdw)
+    # and transformers' own module gives the reference numbers
+    norm.weight = torch.nn.Parameter(w)
+    torch.testing.assert_close(norm(x).detach(), ref)
+
+
+def test_rotary_equals_apply_rotary_pos_emb_values_and_gradients():
+    torch.manual_seed(1)
+    B, T, H, Hkv, D = 2, 11, 6, 2, 16
+    # q, k as the attention layer makes them: (B, T, H, D) projections viewed as (B, H, T, D)
+    q = torch.randn(B, T, H, D).transpose(1, 2)
+    k = torch.randn(B, T, Hkv, D).transpose(1, 2)
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3]] * B)  # packed: positions restart
+    angles = pos[..., None] * (1.0 / 10000 ** (torch.arange(0, D, 2) / D))
+    emb = torch.cat([angles, angles], -1)
+    cos, sin = emb.cos(), emb.sin()
+    uq, uk = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D)
+
+    def plain(q, k):
+        a, b = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+        return torch.cat([(a * uq).flatten(), (b * uk).flatten()])
+
+    def fast(q, k):
+        a, b = rotary(q, cos[:, None], sin[:, None]), rotary(k, cos[:, None], sin[:, None])
+        return torch.cat([(a * uq).flatten(), (b * uk).flatten()])
+
+    ref, (rq, rk) = _grads(plain, q, k, upstream=1)
+    out, (dq, dk) = _grads(fast, q, k, upstream=1)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dq, rq)
+    torch.testing.assert_close(dk, rk)
+
+
+def _lora_model(name="lora", **method):
+    torch.manual_seed(0)
+    model, tok, _ = load_model("tiny-llama")
+    model = apply_method(model, MethodConfig(name=name, **{**LORA, **method}))
+    for n, p in model.named_parameters():  # B starts at zero: give it values to test
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    return model, tok
+
+
+def _step(model, batch, fused_on: bool, seed=3):
+    model.zero_grad()
+    torch.manual_seed(seed)  # the same dropout masks
+    with fused_ops(model, fused_on) as on:
+        assert on == fused_on
+        loss = SFTObjective().loss_sum(model, batch)
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_model_step_equals_the_plain_step(dropout):
+    from tuneforge.data.batching import collate_padded
+
+    model, tok = _lora_model(lora_dropout=dropout)
+    model.train()
+    batch = collate_padded(make_samples(4, seed=5), tok.pad_token_id)
+    ref_loss, ref = _step(model, batch, False)
+    loss, grads = _step(model, batch, True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    assert ref.keys() == grads.keys() and len(ref) == 2 * 5 * 2  # A and B, 5 modules, 2 layers
+    for n in ref:
+        assert ref[n].abs().sum() > 0, n
+        torch.testing.assert_close(grads[n], ref[n], rtol=1e-4, atol=1e-6)
+
+
+def test_plain_code_comes_back_and_other_cases_keep_their_own_path():
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    before = (
+        modeling_llama.LlamaRMSNorm.forward,
+        modeling_llama.apply_rotary_pos_emb,
+        LoraLinear.forward,
+    )
+    model, tok = _lora_model("dora")
+    ids = torch.tensor([make_samples(1, seed=7)[0].input_ids])
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with fused_ops(model) as on:
+            assert on
+            assert LoraLinear.forward is not before[2]
+            # DoRA layers keep peft's forward; RMSNorm and rotary change float rounding only
+            out = model(input_ids=ids).logits
+            with model.disable_adapter():
+                torch.testing.assert_close(model(input_ids=ids).logits.shape, ref.shape)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert before == (
+        modeling_llama.LlamaRMSNorm.forward,
+        modeling_llama.apply_rotary_pos_emb,
+        LoraLinear.forward,
+    )
+    with fused_ops(model, enabled=False) as on:
+        assert not on and LoraLinear.forward is before[2]
+
+
+def test_unknown_families_are_left_alone():
+    class Other(torch.nn.Module):
+        config = type("C", (), {"model_type": "gpt2"})()
+
+    with fused_ops(Other()) as on:
+        assert not on
+    assert fused.family_module(load_model("tiny-qwen2")[0]) is not None
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_trainer_runs_the_fused_path_with_the_plain_losses(tmp_path, name, monkeypatch):
+    calls = {"rms": 0, "rotary": 0}
+    real_rms, real_rotary = fused.rms_norm, fused.rotary
+
+    def count(key, fn):
+        def wrapped(*a):
+            calls[key] += 1
+            return fn(*a)
+
+        return wrapped
+
+    monkeypatch.setattr(fused, "rms_norm", count("rms", real_rms))
+    monkeypatch.setattr(fused, "rotary", count("rotary", real_rotary))
+    samples = make_samples(12, seed=4)
+    losses = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        model, tok, _ = load_model(name)
+        model = apply_method(model, MethodConfig(name="lora", lora_dropout=0.1, **{
+            k: v for k, v in LORA.items()}))  # fmt: skip
+        (tmp_path / str(on)).mkdir()
+        t = TrainingConfig(max_steps=3, batch_size=2, progress=False, fused_ops=on)
+        trainer = Trainer(
+            model, SFTObjective(), samples, [], t, tmp_path / str(on), tok.pad_token_id,
+            torch.device("cpu"), packing=True, max_length=96,
+        )  # fmt: skip
+        trainer.run()
+        rows = [json.loads(r) for r in (tmp_path / str(on) / "metrics.jsonl").open()]
+        losses[on] = [r["loss"] for r in rows if "loss" in r]
+        assert (calls["rms"] > 0) == on and (calls["rotary"] > 0) == on
+    assert len(losses[True]) == 3
+    for a, b in zip(losses[True], losses[False], strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
