@@ -10,8 +10,9 @@ compute the same values with fewer passes and hand-written backward passes:
 
 - ``rms_norm``: saves the input and one ``rstd`` per token; backward is four passes.
 - ``rotary``: ``x * cos`` plus two in-place ``addcmul_`` on the halves; backward likewise.
-- LoRA: the scaling (and dropout's ``1 / keep``) multiplies the ``[tokens x r]`` A output, and
-  the B product is added into the base output by ``addmm_``.
+- LoRA: the scaling (and dropout's ``1 / keep``) multiplies the ``[tokens x r]`` A output, the
+  B product is added into the base output by ``addmm_``, and BitDropout's bool mask selects
+  with ``where`` instead of being converted to floats for a multiply, forward and backward.
 
 They give the plain path's numbers up to float rounding (tests compare values and gradients).
 ``fused_ops(model)`` switches them on for one model family for the length of a ``with`` block
@@ -52,8 +53,8 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         gw = grad * weight
         # d/dx of x * rstd: rstd * (gw - x * rstd^2 * mean(gw * x))
-        dot = (gw * x).mean(-1, keepdim=True).mul_(rstd.pow(2))
-        dx = gw.sub_(x * dot).mul_(rstd)
+        dot = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(rstd.pow(2) / x.shape[-1])
+        dx = gw.addcmul_(x, dot, value=-1).mul_(rstd)
         dw = None
         if ctx.needs_input_grad[1]:
             dw = (grad * x).mul_(rstd).reshape(-1, x.shape[-1]).sum(0)
@@ -114,6 +115,21 @@ def _apply_rotary_pos_emb(plain):
 
 
 # -- LoRA -----------------------------------------------------------------------------------------
+class _Masked(torch.autograd.Function):
+    """``x`` where ``mask`` holds, else 0, saving only the bool mask. (``x * mask`` would first
+    convert the mask to a float tensor, forward and backward.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        return torch.where(mask, x, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0.0), None
+
+
 def _lora_forward(plain):
     from tuneforge.methods.fast_dropout import BitDropout, keep_mask
 
@@ -132,21 +148,22 @@ def _lora_forward(plain):
             or type(base) is not torch.nn.Linear
             or b.bias is not None
             or not x.dtype == base.weight.dtype == a.weight.dtype
+            or torch.is_autocast_enabled(x.device.type)  # addmm_ would mix dtypes
             or type(dropout) not in (torch.nn.Identity, torch.nn.Dropout, BitDropout)
         ):
             return plain(self, x, *args, **kwargs)
         scale = self.scaling[name]
+        x2 = x.reshape(-1, x.shape[-1])  # 2D throughout: addmm_ on a view would cost a copy
         if type(dropout) is torch.nn.Identity or not dropout.training or dropout.p == 0:
-            dropped = x
+            dropped = x2
         elif type(dropout) is BitDropout:
-            dropped = x * keep_mask(x.shape, dropout.p, x.device)  # saves the bool mask only
+            dropped = _Masked.apply(x2, keep_mask(x2.shape, dropout.p, x.device))
             scale = scale / dropout.keep  # applied to the [tokens x r] product instead of x
         else:
-            dropped = dropout(x)
-        out = F.linear(x, base.weight, base.bias)
-        h = F.linear(dropped, a.weight).mul_(scale)  # [..., r]
-        flat = out.view(-1, out.shape[-1])
-        return flat.addmm_(h.view(-1, h.shape[-1]), b.weight.t()).view(out.shape)
+            dropped = dropout(x2)
+        out = F.linear(x2, base.weight, base.bias)
+        h = F.linear(dropped, a.weight).mul_(scale)  # [tokens, r]
+        return out.addmm_(h, b.weight.t()).view(*x.shape[:-1], out.shape[-1])
 
     return forward
 
