@@ -5,9 +5,7 @@ but then SDPA computes every (query, key) pair of the row — a 512-token row of
 about three times the attention work its samples need — and reads a (B, 1, T, T) mask on every
 layer. ``varlen_sdpa`` instead runs causal SDPA on each sample's own slice, the CPU counterpart of
 flash-attn's variable-length kernel: the same numbers (a test compares them), no mask, and
-attention work proportional to the sum of squared sample lengths. On a CPU the segments go
-straight to ATen's flash kernels, forward and backward (``_VarlenCPU``), so backward writes each
-segment's gradients in place instead of summing zero-padded full-row gradients per segment.
+attention work proportional to the sum of squared sample lengths.
 
 The sample boundaries arrive as ``cu_seq_lens_q`` (cumulative lengths over the flattened (B*T)
 positions, the layout flash-attn uses), passed through the model's keyword arguments to every
@@ -43,12 +41,8 @@ def varlen_sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     B, H, T, _ = query.shape
-    bounds = cu.tolist()
-    if query.device.type == "cpu" and dropout == 0.0:
-        pairs = zip(bounds[:-1], bounds[1:], strict=True)
-        segments = [(s // T, s % T, e - (s // T) * T) for s, e in pairs]
-        return _VarlenCPU.apply(query, key, value, segments, scaling), None
     gqa = H != key.shape[1]
+    bounds = cu.tolist()
     rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         b, s = divmod(start, T)
@@ -66,45 +60,6 @@ def varlen_sdpa(
         )
     out = torch.cat([torch.cat(r, dim=2) for r in rows], dim=0)  # (B, H, T, D)
     return out.transpose(1, 2).contiguous(), None
-
-
-class _VarlenCPU(torch.autograd.Function):
-    """Causal attention of each (row, start, end) segment with ATen's CPU flash kernels, forward
-    and backward called directly. Slicing the inputs under autograd instead would give every
-    segment a zero-filled gradient of the whole row for q, k and v in backward, summed
-    afterwards; here each segment's gradients are written into one buffer. Grouped-query
-    attention is native to the kernels. Returns (B, T, H, D), the layout the output projection
-    reads. The segments must cover every position (cu_seq_lens gives the padding tail one)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, segments: list[tuple[int, int, int]], scale: float | None):
-        B, H, T, D = q.shape
-        out = q.new_empty(B, T, H, D)
-        lse = []
-        for b, s, e in segments:
-            o, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q[b : b + 1, :, s:e], k[b : b + 1, :, s:e], v[b : b + 1, :, s:e],
-                0.0, True, scale=scale,
-            )  # fmt: skip
-            out[b : b + 1, s:e] = o.transpose(1, 2)
-            lse.append(logsumexp)
-        ctx.segments, ctx.scale = segments, scale
-        ctx.save_for_backward(q, k, v, out, *lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, v, out, *lse = ctx.saved_tensors
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for (b, s, e), logsumexp in zip(ctx.segments, lse, strict=True):
-            part = (slice(b, b + 1), slice(None), slice(s, e))
-            dq[part], dk[part], dv[part] = (
-                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    grad[b : b + 1, s:e].transpose(1, 2), q[part], k[part], v[part],
-                    out[b : b + 1, s:e].transpose(1, 2), logsumexp, 0.0, True, scale=ctx.scale,
-                )
-            )  # fmt: skip
-        return dq, dk, dv, None, None
 
 
 def register() -> str:
