@@ -88,3 +88,36 @@ def test_trainer_picks_the_per_sample_path_only_for_packed_sdpa(tmp_path):
     assert "cu_seq_lens_q" in packed.make_batch(packed.window(0)[0])
     assert "attention_mask" not in packed.make_batch(packed.window(0)[0])
     assert not Trainer(model, *args).varlen_sdpa
+
+
+def test_varlen_micro_batches_are_one_row_without_padding(tmp_path):
+    """With per-sample attention a micro-batch's rows are joined into one row: no padding to
+    compute, and (flash-attn) transformers finds the samples from the position ids only when
+    the batch has one row. flash-attn itself needs a GPU; the batch it would get is checked."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    from tuneforge.config import TrainingConfig
+    from tuneforge.train.loop import Trainer
+
+    model, tok, _ = load_model("tiny-llama")
+    samples = make_samples(8)
+    t = TrainingConfig(max_steps=1, batch_size=2, progress=False)
+    args = (SFTObjective(), samples, [], t, tmp_path, tok.pad_token_id, torch.device("cpu"))
+    for attn in ("sdpa", "flash_attention_2"):
+        model.config._attn_implementation = attn
+        try:
+            trainer = Trainer(model, *args, packing=True, max_length=64)
+        finally:
+            model.config._attn_implementation = "sdpa"
+        spec = trainer.window(0)[0]
+        assert len(spec) == 2  # two packed rows...
+        batch = trainer.make_batch(spec)
+        # ...become one row holding every sample once, nothing else
+        members = [samples[i] for row in spec for i in row]
+        assert batch["input_ids"].shape == (1, sum(len(s) for s in members))
+        assert batch["input_ids"][0].tolist() == [t for s in members for t in s.input_ids]
+        assert _is_packed_sequence(batch["position_ids"], 1)
+        assert ("cu_seq_lens_q" in batch) == (attn == "sdpa")
+    # two rows would not be split by transformers' flash path: the samples would see each other
+    two = collate_packed([samples[:3], samples[3:6]], tok.pad_token_id, varlen=True)
+    assert not _is_packed_sequence(two["position_ids"], 2)

@@ -201,7 +201,13 @@ class Trainer:
             return None
         if self.packing:
             rows = [[self.train_samples[i] for i in row] for row in spec]
-            batch = collate_packed(rows, self.pad_id, varlen=self.flash_varlen or self.varlen_sdpa)
+            varlen = self.flash_varlen or self.varlen_sdpa
+            if varlen:
+                # Samples are told apart by their restarting positions, so the rows are joined
+                # into one: no padding to compute, and transformers' flash-attn path splits a
+                # batch by position ids only when it has a single row (_is_packed_sequence).
+                rows = [[s for row in rows for s in row]]
+            batch = collate_packed(rows, self.pad_id, varlen=varlen)
             if self.varlen_sdpa:
                 batch["cu_seq_lens_q"] = cu_seq_lens(batch["position_ids"])
             if self.additive_mask:  # eager attention adds the mask to the scores
