@@ -196,3 +196,37 @@ def test_trainer_runs_the_fused_path_with_the_plain_losses(tmp_path, name, monke
     assert len(losses[True]) == 3
     for a, b in zip(losses[True], losses[False], strict=True):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_builtin_model_packed_lora_step_equals_the_plain_step():
+    from tuneforge.attention import cu_seq_lens, register
+    from tuneforge.data.batching import collate_packed
+    from tuneforge.data.dataset import load_conversations
+    from tuneforge.data.render import render_dataset
+
+    from .conftest import ROOT
+
+    torch.manual_seed(0)
+    model, tok, _ = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    model = apply_method(model, MethodConfig(name="lora", r=16, lora_alpha=32, lora_dropout=0.05,
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))  # fmt: skip
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.01)
+    convs, sources = load_conversations(str(ROOT / "examples/instruct/train.jsonl"))
+    samples, _ = render_dataset(tok, convs[:4], sources[:4], 512)
+    batch = collate_packed([samples], tok.pad_token_id, varlen=True)
+    batch["cu_seq_lens_q"] = cu_seq_lens(batch["position_ids"])
+    model.config._attn_implementation = register()
+    model.train()
+    try:
+        ref_loss, ref = _step(model, batch, False)
+        loss, grads = _step(model, batch, True)
+    finally:
+        model.config._attn_implementation = "sdpa"
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    assert len(ref) == 30 * 4 * 2
+    for n in ref:  # float rounding through 30 layers: compare each gradient as a whole
+        assert ref[n].abs().sum() > 0, n
+        assert (grads[n] - ref[n]).norm() <= 1e-4 * ref[n].norm(), n

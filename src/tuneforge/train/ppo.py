@@ -28,6 +28,7 @@ from tuneforge.data.batching import epoch_order
 from tuneforge.data.preference import prepare_prompts
 from tuneforge.data.records import Messages
 from tuneforge.data.render import IGNORE, end_of_turn_ids, ensure_chat_template, render_prompt
+from tuneforge.fused import fused_ops
 from tuneforge.losses import (
     entropy_from_logits,
     gae,
@@ -380,6 +381,10 @@ class PPOTrainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict:
+        with fused_ops(self.model.lm, self.cfg.fused_ops):
+            return self._run(resume)
+
+    def _run(self, resume: bool = False) -> dict:
         t = self.cfg
         metrics_path = self.run_dir / "metrics.jsonl"
         ckpt_root = self.run_dir / "checkpoints"
