@@ -230,3 +230,47 @@ def test_builtin_model_packed_lora_step_equals_the_plain_step():
     for n in ref:  # float rounding through 30 layers: compare each gradient as a whole
         assert ref[n].abs().sum() > 0, n
         assert (grads[n] - ref[n]).norm() <= 1e-4 * ref[n].norm(), n
+
+
+def test_every_family_has_llamas_norm_and_rotary_code():
+    """The fused functions stand in for Llama's RMSNorm and rotary code; a family whose code
+    differs (after a transformers upgrade, say) must leave FAMILIES."""
+    import importlib
+    import inspect
+
+    ref = [
+        inspect.getsource(modeling_llama.LlamaRMSNorm.forward),
+        inspect.getsource(modeling_llama.apply_rotary_pos_emb),
+        inspect.getsource(modeling_llama.rotate_half),
+    ]
+    for module_name, norm in fused.FAMILIES.values():
+        module = importlib.import_module(module_name)
+        got = [
+            inspect.getsource(getattr(module, norm).forward),
+            inspect.getsource(module.apply_rotary_pos_emb),
+            inspect.getsource(module.rotate_half),
+        ]
+        assert got == ref, module_name
+
+
+def test_gradient_checkpointing_recomputes_the_same_fused_step():
+    """Non-reentrant checkpointing replays each layer's forward in backward: BitDropout's masks
+    must come out the same (torch restores the RNG state), so the gradients are those of the
+    step without checkpointing."""
+    from tuneforge.data.batching import collate_padded
+
+    batch = None
+    results = []
+    for ckpt in (False, True):
+        model, tok = _lora_model(lora_dropout=0.1)
+        if ckpt:
+            model.get_base_model().gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.train()
+        batch = batch or collate_padded(make_samples(4, seed=6), tok.pad_token_id)
+        results.append(_step(model, batch, True))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
