@@ -4,6 +4,11 @@ Peak RSS is the peak while training (VmHWM reset after loading), without the sha
 
     .venv/bin/python bench/sft_bench.py            # full run (~10 min on 2 cores)
     .venv/bin/python bench/sft_bench.py --n-train 24 --n-eval 8   # smoke run
+    .venv/bin/python bench/sft_bench.py --device cuda              # a GPU: bf16, peak GPU memory
+
+``--device cuda`` has not run on a GPU yet (none was lent): it needs a CUDA build of torch with
+this project's dependencies, and the built-in model's cached folder, which is larger than what
+the workplace's GPU machine accepts from here (64 MiB).
 
 Each system runs in its own process (peak RSS is per process). Every system is fed the same
 token ids and labels (rendered once by tuneforge's renderer: chat template, labels on assistant
@@ -35,6 +40,10 @@ MAX_LENGTH = 512
 # The same effective batch: HF pads 4 samples x 2 accumulation; the packed systems take 2 rows of
 # up to 512 tokens x 2 accumulation, about the same tokens per optimizer step (median sample ~180).
 HF_BATCH, PACKED_ROWS, ACCUM = 4, 2, 2
+# --device cuda reaches the per-system child processes through this variable
+DEVICE = os.environ.get("TUNEFORGE_BENCH_DEVICE", "cpu")
+GPU = DEVICE != "cpu"
+DTYPE = "bfloat16" if GPU else "float32"  # bf16 weights, and bf16 autocast in every trainer
 
 
 def load_everything(n_train: int, n_eval: int):
@@ -42,7 +51,7 @@ def load_everything(n_train: int, n_eval: int):
     from tuneforge.data.render import render_dataset
     from tuneforge.models import load_model
 
-    model, tok, _ = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    model, tok, _ = load_model("smollm2-135m-instruct", dtype=DTYPE, device=DEVICE)
     data = ROOT / "examples" / "instruct"
     train_c, train_s = load_conversations(str(data / "train.jsonl"))
     eval_c, eval_s = load_conversations(str(data / "eval.jsonl"))
@@ -60,8 +69,9 @@ def eval_loss(model, tok, samples) -> float:
     model.eval()
     total = units = 0.0
     for b in iterate_eval(samples, 4, tok.pad_token_id):
+        b = {k: v.to(DEVICE) for k, v in b.items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        total += float(causal_lm_loss_sum(logits, b["labels"]))
+        total += float(causal_lm_loss_sum(logits.float(), b["labels"]))
         units += int((b["labels"][:, 1:] != -100).sum())
     return total / units
 
@@ -93,7 +103,7 @@ def run_tuneforge(model, tok, train, tmp: Path, fused: bool = True) -> None:
         t,
         tmp,
         tok.pad_token_id,
-        torch.device("cpu"),
+        torch.device(DEVICE),
         packing=True,
         max_length=MAX_LENGTH,
     )
@@ -103,6 +113,7 @@ def run_tuneforge(model, tok, train, tmp: Path, fused: bool = True) -> None:
 
 
 def clock() -> tuple[float, float]:
+    sync()
     return time.perf_counter(), time.process_time()
 
 
@@ -139,7 +150,8 @@ def run_hf(model, tok, train, tmp: Path):
         lr_scheduler_type="cosine",
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=not GPU,
+        bf16=GPU,
         dataloader_num_workers=0,
         disable_tqdm=True,
         logging_steps=10**6,
@@ -168,7 +180,8 @@ def run_trl(model, tok, train, tmp: Path):
         lr_scheduler_type="cosine",
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=not GPU,
+        bf16=GPU,
         dataloader_num_workers=0,
         disable_tqdm=True,
         logging_steps=10**6,
@@ -206,23 +219,38 @@ def useful_flops(model_cfg, train) -> float:
 
 def matmul_peak(threads: int) -> float:
     torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    n = 8192 if GPU else 2048
+    dtype = torch.bfloat16 if GPU else torch.float32
+    a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
     for _ in range(3):
         a @ b
     best = 0.0
     for _ in range(10):
+        sync()
         t = time.perf_counter()
         a @ b
-        best = max(best, 2 * 2048**3 / (time.perf_counter() - t))
+        sync()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
 
 
+def sync() -> None:
+    if GPU:
+        torch.cuda.synchronize()
+
+
 def reset_peak_rss() -> None:
-    """Linux: restart the process's peak resident set (VmHWM) from its current size."""
+    """Linux: restart the process's peak resident set (VmHWM) from its current size (on a GPU:
+    the peak of allocated GPU memory)."""
+    if GPU:
+        torch.cuda.reset_peak_memory_stats()
+        return
     Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_rss_mb() -> float:
+    if GPU:
+        return torch.cuda.max_memory_allocated() / 2**20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -288,10 +316,14 @@ def main() -> int:
     p.add_argument("--n-train", type=int, default=160)
     p.add_argument("--n-eval", type=int, default=32)
     p.add_argument("--systems", default="tuneforge,hf,trl")
+    p.add_argument("--device", default=DEVICE, help="cpu (fp32) or cuda (bf16)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     threads = torch.get_num_threads()
+    if args.device != DEVICE:  # the module's settings, here and in the children, follow it
+        os.environ["TUNEFORGE_BENCH_DEVICE"] = args.device
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     if args.child:
         child(args.child, args.n_train, args.n_eval, Path(args.out))
         return 0
@@ -321,17 +353,22 @@ def main() -> int:
         res = results[system]
         print(f"done {system}: {res['seconds']:.1f} s", file=sys.stderr)
     ref = next((r for k, r in results.items() if k.startswith("tuneforge")), None)
-    print(
-        f"\nmachine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} threads, fp32; "
-        f"matmul peak {peak / 1e9:.1f} GFLOP/s"
+    where = (
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16"
+        if GPU
+        else f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {threads} threads, fp32"
     )
+    print(f"\nmachine: {where}; matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(
         f"data: {ref['samples'] if ref else '?'} samples of examples/instruct (64-512 tokens), 1 epoch, "
         f"LoRA r16 q/k/v/o, lr 2e-4\n"
     )
     print(
-        "| system | supervised tok/s | wall s | CPU s | sup tok per CPU-s | peak RSS MB | eval loss "
-        "| MFU | tuneforge vs it (wall) | tuneforge vs it (CPU) | RSS vs tuneforge |"
+        "| system | supervised tok/s | wall s | CPU s | sup tok per CPU-s | "
+        + ("peak GPU MB" if GPU else "peak RSS MB")
+        + " | eval loss | MFU | tuneforge vs it (wall) | tuneforge vs it (CPU) | "
+        + ("GPU memory" if GPU else "RSS")
+        + " vs tuneforge |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for system, r in results.items():
