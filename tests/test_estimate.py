@@ -73,8 +73,11 @@ def _saved_bytes(model, T: int) -> int:
         ("lora", 0.1, ["v_proj", "down_proj"]),
     ],
 )
-def test_layer_activations_equal_what_autograd_saves(shape, method, dropout, targets):
-    """One more decoder layer adds exactly the bytes ``layer_activations`` predicts (fp32)."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_layer_activations_equal_what_autograd_saves(shape, method, dropout, targets, fused):
+    """One more decoder layer adds exactly the bytes ``layer_activations`` predicts (fp32), with
+    the models' own code and with tuneforge's fused ops (training.fused_ops)."""
+    from tuneforge.fused import fused_ops
     from tuneforge.methods import apply_method
 
     T = 32
@@ -83,8 +86,10 @@ def test_layer_activations_equal_what_autograd_saves(shape, method, dropout, tar
     saved = []
     for layers in (2, 3):
         model = apply_method(_tiny_model(layers), cfg)
-        saved.append(_saved_bytes(model, T))
-    fp32, elems = layer_activations(shape, MethodSettings.from_config(cfg))
+        with fused_ops(model, fused) as on:
+            assert on == fused
+            saved.append(_saved_bytes(model, T))
+    fp32, elems = layer_activations(shape, MethodSettings.from_config(cfg), fused_norms=fused)
     assert saved[1] - saved[0] == T * (fp32 + elems) * 4
 
 

@@ -173,6 +173,7 @@ class Workload:
     supervised_per_epoch: int = 0
     mean_row_len: float = 0.0
     packing: bool = False
+    fused_ops: bool = True  # training.fused_ops (tuneforge/fused.py)
 
     @property
     def tokens(self) -> int:
@@ -203,6 +204,7 @@ def workload_from_config(cfg, device: str, with_data: bool = True) -> Workload:
         gradient_accumulation=t.gradient_accumulation,
         gradient_checkpointing=t.gradient_checkpointing,
         packing=d.packing,
+        fused_ops=t.fused_ops,
     )
     if with_data:
         _size_epoch(work, cfg)
@@ -327,7 +329,9 @@ def trainable_params(shape: ModelShape, s: MethodSettings) -> int:
     raise TuneforgeError(f"no estimate for method '{s.name}' (known: {', '.join(ALL_METHODS)})")
 
 
-def layer_activations(shape: ModelShape, s: MethodSettings) -> tuple[float, float]:
+def layer_activations(
+    shape: ModelShape, s: MethodSettings, fused_norms: bool = False
+) -> tuple[float, float]:
     """(fp32 elements, compute-dtype elements) autograd keeps per token per decoder layer.
 
     Frozen base, gradient flowing: each RMSNorm keeps its input (fp32 upcast) and 1/rms; SDPA keeps
@@ -336,13 +340,15 @@ def layer_activations(shape: ModelShape, s: MethodSettings) -> tuple[float, floa
     norm outputs) and the down projection's input. A LoRA layer keeps its rank-r hidden and its
     input (shared by q/k/v, by gate/up); with dropout each adapted layer keeps its own dropped
     input and the dropout mask instead (one byte per element, ``methods/fast_dropout.py``: counted
-    as a quarter of an fp32 element).
+    as a quarter of an fp32 element). ``fused_norms``: RMSNorm runs as ``fused.rms_norm``, which
+    recomputes the normalised value in backward instead of keeping it (full fine-tuning only; a
+    frozen norm weight never needed it).
     """
     d, I, kv, H = shape.hidden, shape.intermediate, shape.kv_dim, shape.heads  # noqa: E741
     norm = 2 * d + 2 + H  # norm inputs, 1/rms, log-sum-exp (fp32)
     base = 2 * d + 2 * kv + 3 * I  # q, attention output, k, v, gate, up, silu(gate)
     if s.name == "full":
-        return norm, base + 4 * d + I
+        return norm, base + (2 if fused_norms else 4) * d + I
     if s.name in ("lora", "rslora", "qlora", "dora"):
         extra = masks = 0.0
         groups: dict[str, list[Linear]] = {}
@@ -373,7 +379,10 @@ def activation_bytes(shape: ModelShape, work: Workload, s: MethodSettings) -> fl
     """Bytes autograd keeps for one micro-batch (the largest) when its backward starts."""
     d, L = shape.hidden, shape.layers
     tokens = work.batch_size * _tokens_per_row(work, s)
-    fp32_elems, elems = layer_activations(shape, s)
+    from tuneforge.fused import FAMILIES
+
+    fused_norms = work.fused_ops and work.dtype_bytes == 4 and shape.model_type in FAMILIES
+    fp32_elems, elems = layer_activations(shape, s, fused_norms)
     per_layer = fp32_elems * 4 + elems * work.dtype_bytes
     if work.gradient_checkpointing:
         # Each layer keeps only its input; one layer at a time is recomputed in the backward.
