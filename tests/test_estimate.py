@@ -89,7 +89,8 @@ def test_layer_activations_equal_what_autograd_saves(shape, method, dropout, tar
         with fused_ops(model, fused) as on:
             assert on == fused
             saved.append(_saved_bytes(model, T))
-    fp32, elems = layer_activations(shape, MethodSettings.from_config(cfg), fused_norms=fused)
+    settings = MethodSettings.from_config(cfg)
+    fp32, elems = layer_activations(shape, settings, fused_norms=fused, fused_mlp=fused)
     assert saved[1] - saved[0] == T * (fp32 + elems) * 4
 
 

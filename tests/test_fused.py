@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.models.llama import modeling_llama
 
 from tuneforge import fused
@@ -70,6 +71,17 @@ def test_rotary_equals_apply_rotary_pos_emb_values_and_gradients():
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(dq, rq)
     torch.testing.assert_close(dk, rk)
+
+
+def test_swiglu_equals_silu_times_up_values_and_gradients():
+    torch.manual_seed(2)
+    gate, up = torch.randn(3, 7, 40) * 3, torch.randn(3, 7, 40)
+    upstream = torch.randn(3, 7, 40)
+    ref, (rg, ru) = _grads(lambda g, u: F.silu(g) * u, gate, up, upstream=upstream)
+    out, (dg, du) = _grads(fused.swiglu, gate, up, upstream=upstream)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dg, rg)
+    torch.testing.assert_close(du, ru)
 
 
 def _lora_model(name="lora", **method):
@@ -164,7 +176,7 @@ def test_unknown_families_are_left_alone():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_trainer_runs_the_fused_path_with_the_plain_losses(tmp_path, name, monkeypatch):
-    calls = {"rms": 0, "rotary": 0}
+    calls = {"rms": 0, "rotary": 0, "swiglu": 0}
     real_rms, real_rotary = fused.rms_norm, fused.rotary
 
     def count(key, fn):
@@ -176,6 +188,7 @@ def test_trainer_runs_the_fused_path_with_the_plain_losses(tmp_path, name, monke
 
     monkeypatch.setattr(fused, "rms_norm", count("rms", real_rms))
     monkeypatch.setattr(fused, "rotary", count("rotary", real_rotary))
+    monkeypatch.setattr(fused, "swiglu", count("swiglu", fused.swiglu))
     samples = make_samples(12, seed=4)
     losses = {}
     for on in (False, True):
@@ -192,7 +205,7 @@ def test_trainer_runs_the_fused_path_with_the_plain_losses(tmp_path, name, monke
         trainer.run()
         rows = [json.loads(r) for r in (tmp_path / str(on) / "metrics.jsonl").open()]
         losses[on] = [r["loss"] for r in rows if "loss" in r]
-        assert (calls["rms"] > 0) == on and (calls["rotary"] > 0) == on
+        assert all((n > 0) == on for n in calls.values()), calls
     assert len(losses[True]) == 3
     for a, b in zip(losses[True], losses[False], strict=True):
         assert a == pytest.approx(b, rel=1e-5)
@@ -242,13 +255,15 @@ def test_every_family_has_llamas_norm_and_rotary_code():
         inspect.getsource(modeling_llama.LlamaRMSNorm.forward),
         inspect.getsource(modeling_llama.apply_rotary_pos_emb),
         inspect.getsource(modeling_llama.rotate_half),
+        inspect.getsource(modeling_llama.LlamaMLP.forward),
     ]
-    for module_name, norm in fused.FAMILIES.values():
+    for module_name, norm, mlp in fused.FAMILIES.values():
         module = importlib.import_module(module_name)
         got = [
             inspect.getsource(getattr(module, norm).forward),
             inspect.getsource(module.apply_rotary_pos_emb),
             inspect.getsource(module.rotate_half),
+            inspect.getsource(getattr(module, mlp).forward),
         ]
         assert got == ref, module_name
 

@@ -330,7 +330,7 @@ def trainable_params(shape: ModelShape, s: MethodSettings) -> int:
 
 
 def layer_activations(
-    shape: ModelShape, s: MethodSettings, fused_norms: bool = False
+    shape: ModelShape, s: MethodSettings, fused_norms: bool = False, fused_mlp: bool = False
 ) -> tuple[float, float]:
     """(fp32 elements, compute-dtype elements) autograd keeps per token per decoder layer.
 
@@ -342,11 +342,12 @@ def layer_activations(
     input and the dropout mask instead (one byte per element, ``methods/fast_dropout.py``: counted
     as a quarter of an fp32 element). ``fused_norms``: RMSNorm runs as ``fused.rms_norm``, which
     recomputes the normalised value in backward instead of keeping it (full fine-tuning only; a
-    frozen norm weight never needed it).
+    frozen norm weight never needed it). ``fused_mlp``: the MLP's activation runs as
+    ``fused.swiglu``, which recomputes SiLU(gate) in backward instead of keeping it.
     """
     d, I, kv, H = shape.hidden, shape.intermediate, shape.kv_dim, shape.heads  # noqa: E741
     norm = 2 * d + 2 + H  # norm inputs, 1/rms, log-sum-exp (fp32)
-    base = 2 * d + 2 * kv + 3 * I  # q, attention output, k, v, gate, up, silu(gate)
+    base = 2 * d + 2 * kv + (2 if fused_mlp else 3) * I  # q, attention out, k, v, gate, up, silu
     if s.name == "full":
         return norm, base + (2 if fused_norms else 4) * d + I
     if s.name in ("lora", "rslora", "qlora", "dora"):
@@ -381,8 +382,8 @@ def activation_bytes(shape: ModelShape, work: Workload, s: MethodSettings) -> fl
     tokens = work.batch_size * _tokens_per_row(work, s)
     from tuneforge.fused import FAMILIES
 
-    fused_norms = work.fused_ops and work.dtype_bytes == 4 and shape.model_type in FAMILIES
-    fp32_elems, elems = layer_activations(shape, s, fused_norms)
+    fused = work.fused_ops and shape.model_type in FAMILIES
+    fp32_elems, elems = layer_activations(shape, s, fused and work.dtype_bytes == 4, fused)
     per_layer = fp32_elems * 4 + elems * work.dtype_bytes
     if work.gradient_checkpointing:
         # Each layer keeps only its input; one layer at a time is recomputed in the backward.

@@ -10,6 +10,8 @@ compute the same values with fewer passes and hand-written backward passes:
 
 - ``rms_norm``: saves the input and one ``rstd`` per token; backward is four passes.
 - ``rotary``: ``x * cos`` plus two in-place ``addcmul_`` on the halves; backward likewise.
+- ``swiglu``: the gated MLP's ``silu(gate) * up`` keeps gate and up, not also ``silu(gate)``
+  (recomputed in backward: one more pass, a third less MLP activation memory).
 - LoRA: the scaling (and dropout's ``1 / keep``) multiplies the ``[tokens x r]`` A output, the
   B product is added into the base output by ``addmm_``, and BitDropout's bool mask selects
   with ``where`` instead of being converted to floats for a multiply, forward and backward.
@@ -33,10 +35,10 @@ import torch.nn.functional as F
 # model_type -> the transformers modeling module whose RMSNorm and apply_rotary_pos_emb are the
 # Llama ones (weight * x * rsqrt(mean(x^2) + eps); rotate_half over the two halves of head_dim)
 FAMILIES = {
-    "llama": ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
-    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
-    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
+    "llama": ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP"),
+    "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP"),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP"),
+    "qwen3": ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP"),
 }
 
 
@@ -114,6 +116,40 @@ def _apply_rotary_pos_emb(plain):
     return apply_rotary_pos_emb
 
 
+# -- SwiGLU -------------------------------------------------------------------------------------
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, keeping gate and up only: silu(gate) is recomputed in backward, where
+    autograd would keep it as a third [tokens x intermediate] tensor."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        d_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return d_gate, d_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the gated MLP's activation."""
+    return _SwiGLU.apply(gate, up)
+
+
+def _mlp_forward(plain):
+    from transformers.activations import SiLUActivation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.act_fn) not in (SiLUActivation, torch.nn.SiLU):
+            return plain(self, x)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    return forward
+
+
 # -- LoRA -----------------------------------------------------------------------------------------
 class _Masked(torch.autograd.Function):
     """``x`` where ``mask`` holds, else 0, saving only the bool mask. (``x * mask`` would first
@@ -176,7 +212,7 @@ def family_module(model: torch.nn.Module):
     if entry is None:
         return None
     module = sys.modules.get(entry[0])
-    if module is None or not hasattr(module, entry[1]) or not hasattr(module, "rotate_half"):
+    if module is None or not all(hasattr(module, n) for n in (*entry[1:], "rotate_half")):
         return None
     return module
 
@@ -184,7 +220,7 @@ def family_module(model: torch.nn.Module):
 @contextlib.contextmanager
 def fused_ops(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
     """Use the fused functions for ``model``'s family inside the block; yields whether they are
-    on. Replaces the family's RMSNorm forward and rotary function and peft's LoRA ``Linear``
+    on. Replaces the family's RMSNorm and MLP forwards, its rotary function and peft's LoRA ``Linear``
     forward (class attributes, so every model of the family in the process is affected while
     the block runs), and restores them afterwards."""
     module = family_module(model) if enabled else None
@@ -193,13 +229,16 @@ def fused_ops(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
         return
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    norm = getattr(module, FAMILIES[model.config.model_type][1])
+    _, norm_name, mlp_name = FAMILIES[model.config.model_type]
+    norm, mlp = getattr(module, norm_name), getattr(module, mlp_name)
     saved = [
         (norm, "forward", norm.forward),
+        (mlp, "forward", mlp.forward),
         (module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb),
         (LoraLinear, "forward", LoraLinear.forward),
     ]
     norm.forward = _rms_norm_forward(norm.forward)
+    mlp.forward = _mlp_forward(mlp.forward)
     module.apply_rotary_pos_emb = _apply_rotary_pos_emb(module.apply_rotary_pos_emb)
     LoraLinear.forward = _lora_forward(LoraLinear.forward)
     try:
