@@ -13,8 +13,8 @@ compute the same values with fewer passes and hand-written backward passes:
 - ``swiglu``: the gated MLP's ``silu(gate) * up`` keeps gate and up, not also ``silu(gate)``
   (recomputed in backward: one more pass, a third less MLP activation memory).
 - LoRA: the scaling (and dropout's ``1 / keep``) multiplies the ``[tokens x r]`` A output, the
-  B product is added into the base output by ``addmm_``, and BitDropout's bool mask selects
-  with ``where`` instead of being converted to floats for a multiply, forward and backward.
+  B product is added into the base output by ``addmm_`` (BitDropout's mask alone is applied
+  to the input).
 
 They give the plain path's numbers up to float rounding (tests compare values and gradients).
 ``fused_ops(model)`` switches them on for one model family for the length of a ``with`` block
@@ -32,8 +32,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-# model_type -> the transformers modeling module whose RMSNorm and apply_rotary_pos_emb are the
-# Llama ones (weight * x * rsqrt(mean(x^2) + eps); rotate_half over the two halves of head_dim)
+# model_type -> the transformers modeling module, its RMSNorm and its MLP class, whose code is
+# Llama's (weight * x * rsqrt(mean(x^2) + eps); rotate_half over the two halves of head_dim;
+# down(act(gate(x)) * up(x))); tests/test_fused.py compares the sources
 FAMILIES = {
     "llama": ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP"),
     "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP"),
@@ -151,23 +152,8 @@ def _mlp_forward(plain):
 
 
 # -- LoRA -----------------------------------------------------------------------------------------
-class _Masked(torch.autograd.Function):
-    """``x`` where ``mask`` holds, else 0, saving only the bool mask. (``x * mask`` would first
-    convert the mask to a float tensor, forward and backward.)"""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(mask)
-        return torch.where(mask, x, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None
-
-
 def _lora_forward(plain):
-    from tuneforge.methods.fast_dropout import BitDropout, keep_mask
+    from tuneforge.methods.fast_dropout import BitDropout, keep_mask, masked_scale
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters or self.merged or args or kwargs:
@@ -193,7 +179,7 @@ def _lora_forward(plain):
         if type(dropout) is torch.nn.Identity or not dropout.training or dropout.p == 0:
             dropped = x2
         elif type(dropout) is BitDropout:
-            dropped = _Masked.apply(x2, keep_mask(x2.shape, dropout.p, x.device))
+            dropped = masked_scale(x2, keep_mask(x2.shape, dropout.p, x.device), 1.0)
             scale = scale / dropout.keep  # applied to the [tokens x r] product instead of x
         else:
             dropped = dropout(x2)

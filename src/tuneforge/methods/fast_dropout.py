@@ -33,18 +33,26 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
 
 
 class _MaskedScale(torch.autograd.Function):
-    """x * mask * scale, saving only the bool mask for the backward pass."""
+    """x * scale where the bool mask holds, else 0, saving only the mask for the backward pass.
+    ``where`` reads the bool mask as it is; ``x * mask`` would first convert it to floats."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(mask)
         ctx.scale = scale
-        return x.mul(mask).mul_(scale)
+        out = torch.where(mask, x, 0.0)
+        return out if scale == 1 else out.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        return grad.mul(mask).mul_(ctx.scale), None, None
+        out = torch.where(mask, grad, 0.0)
+        return out if ctx.scale == 1 else out.mul_(ctx.scale), None, None
+
+
+def masked_scale(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x * scale`` where ``mask`` holds, else 0; autograd keeps only the one-byte mask."""
+    return _MaskedScale.apply(x, mask, scale)
 
 
 class BitDropout(torch.nn.Module):
@@ -60,7 +68,7 @@ class BitDropout(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.keep == 1:
             return x
-        return _MaskedScale.apply(x, keep_mask(x.shape, self.p, x.device), 1 / self.keep)
+        return masked_scale(x, keep_mask(x.shape, self.p, x.device), 1 / self.keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
