@@ -38,17 +38,18 @@ def _tiny_model(layers: int):
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
-def _saved_bytes(model, T: int) -> int:
-    """Bytes of the distinct non-parameter tensors autograd saves in one SFT forward."""
+def _saved_bytes(model, T: int) -> tuple[int, int]:
+    """Bytes of the distinct non-parameter tensors autograd saves in one SFT forward: all but
+    int64 ones, and the int64 ones (dropout's dropped positions, a random count)."""
     from tuneforge.train.sft import SFTObjective
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    seen: dict[int, tuple[int, bool]] = {}
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
+            seen[ptr] = (t.untyped_storage().nbytes(), t.dtype == torch.int64)
         return t
 
     g = torch.Generator().manual_seed(0)
@@ -59,7 +60,10 @@ def _saved_bytes(model, T: int) -> int:
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         SFTObjective().loss_sum(model, batch)
-    return sum(seen.values())
+    return (
+        sum(n for n, index in seen.values() if not index),
+        sum(n for n, index in seen.values() if index),
+    )
 
 
 @pytest.mark.parametrize(
@@ -90,8 +94,14 @@ def test_layer_activations_equal_what_autograd_saves(shape, method, dropout, tar
             assert on == fused
             saved.append(_saved_bytes(model, T))
     settings = MethodSettings.from_config(cfg)
-    fp32, elems = layer_activations(shape, settings, fused_norms=fused, fused_mlp=fused)
-    assert saved[1] - saved[0] == T * (fp32 + elems) * 4
+    fp32, elems = layer_activations(shape, settings, fused, fused, fused)
+    # dropped positions: 8 bytes for each of p * T * (inputs of the adapted layers), binomial
+    inputs = sum(x.in_features for x in shape.targets(settings.target_modules)) if dropout else 0
+    index_bytes = 8 * dropout * T * inputs
+    assert saved[1][0] - saved[0][0] == pytest.approx(T * (fp32 + elems) * 4 - index_bytes)
+    n, p = T * inputs, dropout
+    # the 2- and 3-layer counts are independent: 5 layers of variance
+    assert abs(saved[1][1] - saved[0][1] - index_bytes) <= 8 * 6 * (5 * n * p * (1 - p)) ** 0.5
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], "all-linear"])
@@ -220,7 +230,7 @@ def test_recommend_follows_the_choice_table(tmp_path):
     # A shape (config only, built on the meta device) whose weights are mostly linear layers:
     # between QLoRA's and LoRA's peak, only the 4-bit base fits.
     cfg = AutoConfig.from_pretrained(resolve_model("tiny-llama"))
-    cfg.update({"vocab_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4})
+    cfg.update({"vocab_size": 512, "intermediate_size": 8192, "num_hidden_layers": 4})
     cfg.save_pretrained(tmp_path)
     peaks = {e.label: e.peak for e in recommend(str(tmp_path), big, device="cpu").candidates}
     tight = (peaks["qlora r16 all-linear"] + peaks["lora r16 all-linear"]) / 2

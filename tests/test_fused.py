@@ -273,9 +273,9 @@ def test_every_family_has_llamas_norm_and_rotary_code():
 
 
 def test_gradient_checkpointing_recomputes_the_same_fused_step():
-    """Non-reentrant checkpointing replays each layer's forward in backward: BitDropout's masks
-    must come out the same (torch restores the RNG state), so the gradients are those of the
-    step without checkpointing."""
+    """Non-reentrant checkpointing replays each layer's forward in backward: SparseDropout's
+    dropped positions must come out the same (torch restores the RNG state), so the gradients
+    are those of the step without checkpointing."""
     from tuneforge.data.batching import collate_padded
 
     batch = None

@@ -43,23 +43,27 @@ def varlen_sdpa(
     B, H, T, _ = query.shape
     gqa = H != key.shape[1]
     bounds = cu.tolist()
-    rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    lengths: list[list[int]] = [[] for _ in range(B)]  # each row's segment lengths
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        b, s = divmod(start, T)
-        e = end - b * T
-        rows[b].append(
+        lengths[start // T].append(end - start)
+    # ``split`` views: backward joins the pieces' gradients with one ``cat``, where a slice
+    # would cost a zero-filled full-size gradient per sample. SDPA's CPU output is laid out
+    # (1, L, H, D) under its (1, H, L, D) shape, so the transposed pieces join into (1, T, H, D)
+    # with one copy. The pieces stay 4D: the CPU flash kernel takes nothing else.
+
+    def rows(t: torch.Tensor) -> list[torch.Tensor]:
+        return [t] if B == 1 else [r.unsqueeze(0) for r in t.unbind(0)]
+
+    out = []
+    for q, k, v, lens in zip(rows(query), rows(key), rows(value), lengths, strict=True):
+        pieces = [
             F.scaled_dot_product_attention(
-                query[b : b + 1, :, s:e],
-                key[b : b + 1, :, s:e],
-                value[b : b + 1, :, s:e],
-                dropout_p=dropout,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=gqa,
-            )
-        )
-    out = torch.cat([torch.cat(r, dim=2) for r in rows], dim=0)  # (B, H, T, D)
-    return out.transpose(1, 2).contiguous(), None
+                qs, ks, vs, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+            ).transpose(1, 2)
+            for qs, ks, vs in zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2), strict=True)
+        ]
+        out.append(pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=1))
+    return (out[0] if B == 1 else torch.cat(out)), None
 
 
 def register() -> str:

@@ -35,6 +35,9 @@ SELECTIVE_CHUNK = 1024  # losses.selective_lm_loss_sum's chunk of supervised pos
 # Copies of a (positions x vocab) fp32 tensor alive at once in cross-entropy's backward:
 # log-softmax output (saved), the incoming gradient and the gradient it produces.
 LOGITS_COPIES = 3
+# tuneforge's selective loss (losses._LinearCrossEntropy) turns its chunk's logits into their
+# gradient in place, in forward: one copy, freed before the layers' backward starts.
+SELECTIVE_LOGITS_COPIES = 1
 ATTN_INPUTS = ("q_proj", "k_proj", "v_proj")
 MLP_INPUTS = ("gate_proj", "up_proj")
 # Peak dense bf16 tensor-core TFLOP/s by GPU name (vendor data sheets, no sparsity).
@@ -330,7 +333,12 @@ def trainable_params(shape: ModelShape, s: MethodSettings) -> int:
 
 
 def layer_activations(
-    shape: ModelShape, s: MethodSettings, fused_norms: bool = False, fused_mlp: bool = False
+    shape: ModelShape,
+    s: MethodSettings,
+    fused_norms: bool = False,
+    fused_mlp: bool = False,
+    fused_lora: bool = False,
+    cpu: bool = True,
 ) -> tuple[float, float]:
     """(fp32 elements, compute-dtype elements) autograd keeps per token per decoder layer.
 
@@ -338,12 +346,15 @@ def layer_activations(
     q, k, v, its output and a log-sum-exp per head; the gated MLP keeps gate, up and SiLU(gate).
     A trainable base also keeps each norm's normalised value, the inputs of q/k/v and gate/up (the
     norm outputs) and the down projection's input. A LoRA layer keeps its rank-r hidden and its
-    input (shared by q/k/v, by gate/up); with dropout each adapted layer keeps its own dropped
-    input and the dropout mask instead (one byte per element, ``methods/fast_dropout.py``: counted
-    as a quarter of an fp32 element). ``fused_norms``: RMSNorm runs as ``fused.rms_norm``, which
-    recomputes the normalised value in backward instead of keeping it (full fine-tuning only; a
-    frozen norm weight never needed it). ``fused_mlp``: the MLP's activation runs as
-    ``fused.swiglu``, which recomputes SiLU(gate) in backward instead of keeping it.
+    input (shared by q/k/v, by gate/up). With dropout, on a CPU (``methods/fast_dropout.py``)
+    each adapted layer keeps the int64 positions it dropped (``8p`` bytes per input element,
+    counted as ``2p`` fp32 elements) and its own dropped input; elsewhere ``F.dropout`` keeps a
+    one-byte mask (a quarter of an fp32 element) and the dropped input. ``fused_norms``: RMSNorm
+    runs as ``fused.rms_norm``, which recomputes the normalised value in backward instead of
+    keeping it (full fine-tuning only; a frozen norm weight never needed it). ``fused_mlp``: the
+    MLP's activation runs as ``fused.swiglu``, which recomputes SiLU(gate) in backward instead
+    of keeping it. ``fused_lora``: LoRA layers run as ``fused.py``'s, which on a CPU keep the
+    shared input and the dropped positions but no dropped copy.
     """
     d, I, kv, H = shape.hidden, shape.intermediate, shape.kv_dim, shape.heads  # noqa: E741
     norm = 2 * d + 2 + H  # norm inputs, 1/rms, log-sum-exp (fp32)
@@ -355,11 +366,15 @@ def layer_activations(
         groups: dict[str, list[Linear]] = {}
         for x in shape.targets(s.target_modules):
             groups.setdefault(_input_group(x.name), []).append(x)
+        p = s.lora_dropout
+        copies = p > 0 and not (fused_lora and cpu and s.name in ("lora", "rslora"))
         for group, members in groups.items():
             extra += s.r * len(members)
-            if s.lora_dropout > 0:  # a dropped copy and a bool mask, each
-                extra += sum(x.in_features for x in members)
-                masks += sum(x.in_features for x in members) / 4
+            inputs = sum(x.in_features for x in members)
+            if p > 0:
+                masks += inputs * (2 * p if cpu else 1 / 4)
+            if copies:  # each adapted layer's dropped input
+                extra += inputs
             elif group != "attn_out":  # o_proj's input is SDPA's output, kept anyway
                 extra += members[0].in_features  # one shared input per group
         if s.name == "dora":  # DoRA rescales the base output: keeps it and the LoRA output
@@ -383,7 +398,9 @@ def activation_bytes(shape: ModelShape, work: Workload, s: MethodSettings) -> fl
     from tuneforge.fused import FAMILIES
 
     fused = work.fused_ops and shape.model_type in FAMILIES
-    fp32_elems, elems = layer_activations(shape, s, fused and work.dtype_bytes == 4, fused)
+    fp32_elems, elems = layer_activations(
+        shape, s, fused and work.dtype_bytes == 4, fused, fused, work.device == "cpu"
+    )
     per_layer = fp32_elems * 4 + elems * work.dtype_bytes
     if work.gradient_checkpointing:
         # Each layer keeps only its input; one layer at a time is recomputed in the backward.
@@ -399,12 +416,15 @@ def activation_bytes(shape: ModelShape, work: Workload, s: MethodSettings) -> fl
 
 
 def logits_bytes(shape: ModelShape, work: Workload) -> tuple[float, float]:
-    """(selective, full) bytes of LM-head logits alive at once in the loss's backward.
+    """(selective, full) bytes of LM-head logits alive at once: at the end of the forward pass
+    (selective, on top of all activations) or in the loss's backward (full).
 
     tuneforge's SFT loss applies the head to at most ``SELECTIVE_CHUNK`` supervised positions at
     a time (fp32); HF-style training materialises (B, T, V) logits (plus an fp32 upcast in bf16).
     """
-    selective = LOGITS_COPIES * min(SELECTIVE_CHUNK, work.supervised_per_batch) * shape.vocab * 4
+    selective = (
+        SELECTIVE_LOGITS_COPIES * min(SELECTIVE_CHUNK, work.supervised_per_batch) * shape.vocab * 4
+    )
     full_copies = LOGITS_COPIES + (1 if work.dtype_bytes < 4 else 0)
     hf = full_copies * work.tokens * shape.vocab * 4
     return selective, hf
@@ -471,8 +491,8 @@ def flops_per_position(
     """(FLOPs per token position, extra FLOPs per supervised position) of forward + backward.
 
     2 per weight per token forward, 2 more for input gradients and 2 more for weight gradients
-    where the weights train; causal attention; the head only at supervised positions, recomputed
-    once in the backward (checkpointed chunks).
+    where the weights train; causal attention; the head only at supervised positions (its
+    gradients are taken in forward, nothing is recomputed).
     """
     d, L, V = shape.hidden, shape.layers, shape.vocab
     train_base = s.name == "full"
@@ -484,7 +504,7 @@ def flops_per_position(
     per_token += 3 * attn_fwd
     if work.gradient_checkpointing:
         per_token += 2 * shape.linear_params + attn_fwd
-    return per_token, d * V * 2 * (4 if train_base else 3)
+    return per_token, d * V * 2 * (3 if train_base else 2)
 
 
 def estimate_method(
@@ -500,8 +520,8 @@ def estimate_method(
     acts = activation_bytes(shape, work, s)
     logits, hf_logits = logits_bytes(shape, work)
     if _quantized_embedding_params(shape, s):
-        # a 4-bit head is dequantized whole (compute dtype) inside each chunk of the loss, forward
-        # and again in the recomputing backward: one (vocab x hidden) temporary beside the logits
+        # a 4-bit head is dequantized whole (compute dtype) inside each chunk of the loss: one
+        # (vocab x hidden) temporary beside the logits
         logits += shape.vocab * shape.hidden * work.dtype_bytes
     if s.name == "full":
         # Backward goes from the top: the (tied) head's gradient exists first, then layer

@@ -13,8 +13,8 @@ compute the same values with fewer passes and hand-written backward passes:
 - ``swiglu``: the gated MLP's ``silu(gate) * up`` keeps gate and up, not also ``silu(gate)``
   (recomputed in backward: one more pass, a third less MLP activation memory).
 - LoRA: the scaling (and dropout's ``1 / keep``) multiplies the ``[tokens x r]`` A output, the
-  B product is added into the base output by ``addmm_`` (BitDropout's mask alone is applied
-  to the input).
+  B product is added into the base output by ``addmm_``; with ``SparseDropout`` the layer
+  keeps its input and the dropped positions, not a dropped copy (q, k and v share the input).
 
 They give the plain path's numbers up to float rounding (tests compare values and gradients).
 ``fused_ops(model)`` switches them on for one model family for the length of a ``with`` block
@@ -31,6 +31,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from tuneforge.methods.fast_dropout import zero_at
 
 # model_type -> the transformers modeling module, its RMSNorm and its MLP class, whose code is
 # Llama's (weight * x * rsqrt(mean(x^2) + eps); rotate_half over the two halves of head_dim;
@@ -152,8 +154,32 @@ def _mlp_forward(plain):
 
 
 # -- LoRA -----------------------------------------------------------------------------------------
+class _DroppedProjection(torch.autograd.Function):
+    """``zero_at(x, indices) @ weight.T * scale`` (the LoRA A product of a dropped input),
+    keeping ``x`` and the dropped positions for backward instead of the dropped copy: q, k and v
+    share their input, so the three layers keep one tensor where they kept three copies."""
+
+    @staticmethod
+    def forward(ctx, x, weight, indices, scale: float):
+        ctx.save_for_backward(x, weight, indices)
+        ctx.scale = scale
+        return zero_at(x, indices).matmul(weight.t()).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, indices = ctx.saved_tensors
+        grad = grad * ctx.scale
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = grad.matmul(weight)
+            dx.view(-1).index_put_((indices,), torch.zeros((), dtype=dx.dtype))
+        if ctx.needs_input_grad[1]:
+            dw = grad.t().matmul(zero_at(x, indices))
+        return dx, dw, None, None
+
+
 def _lora_forward(plain):
-    from tuneforge.methods.fast_dropout import BitDropout, keep_mask, masked_scale
+    from tuneforge.methods.fast_dropout import SparseDropout, drop_indices
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters or self.merged or args or kwargs:
@@ -171,20 +197,20 @@ def _lora_forward(plain):
             or b.bias is not None
             or not x.dtype == base.weight.dtype == a.weight.dtype
             or torch.is_autocast_enabled(x.device.type)  # addmm_ would mix dtypes
-            or type(dropout) not in (torch.nn.Identity, torch.nn.Dropout, BitDropout)
+            or type(dropout) not in (torch.nn.Identity, torch.nn.Dropout, SparseDropout)
         ):
             return plain(self, x, *args, **kwargs)
         scale = self.scaling[name]
         x2 = x.reshape(-1, x.shape[-1])  # 2D throughout: addmm_ on a view would cost a copy
-        if type(dropout) is torch.nn.Identity or not dropout.training or dropout.p == 0:
-            dropped = x2
-        elif type(dropout) is BitDropout:
-            dropped = masked_scale(x2, keep_mask(x2.shape, dropout.p, x.device), 1.0)
-            scale = scale / dropout.keep  # applied to the [tokens x r] product instead of x
-        else:
-            dropped = dropout(x2)
         out = F.linear(x2, base.weight, base.bias)
-        h = F.linear(dropped, a.weight).mul_(scale)  # [tokens, r]
+        if type(dropout) is torch.nn.Identity or not dropout.training or dropout.p == 0:
+            h = F.linear(x2, a.weight).mul_(scale)  # [tokens, r]
+        elif type(dropout) is SparseDropout and x.device.type == "cpu":
+            indices = drop_indices(x2.numel(), dropout.p, x.device)
+            # dropout's 1 / keep goes on the [tokens x r] product with the scaling
+            h = _DroppedProjection.apply(x2.contiguous(), a.weight, indices, scale / dropout.keep)
+        else:
+            h = F.linear(dropout(x2), a.weight).mul_(scale)
         return out.addmm_(h, b.weight.t()).view(*x.shape[:-1], out.shape[-1])
 
     return forward

@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
@@ -23,11 +22,53 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
 
 
-def _chunk_ce(hidden: torch.Tensor, weight, targets: torch.Tensor) -> torch.Tensor:
-    if callable(weight):  # a 4-bit head: dequantized here, again when backward recomputes
-        weight = weight()
-    logits = (hidden.to(weight.dtype) @ weight.t()).float()  # (n, V)
-    return F.cross_entropy(logits, targets, reduction="sum")
+def _head_weight(weight):
+    return weight() if callable(weight) else weight  # a 4-bit head dequantizes here
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk, with the
+    gradients computed in forward: each chunk's logits become ``softmax - one_hot`` in place and
+    are multiplied back at once, so only ``d loss / d hidden`` (and the head's gradient, when it
+    trains) is kept. Backward scales them by the incoming gradient: no logits are kept or
+    recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, head, grads: bool):
+        want_h, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = None
+        for i in range(0, targets.numel(), chunk_size):
+            w = _head_weight(head)
+            h = hidden[i : i + chunk_size].to(w.dtype)
+            t = targets[i : i + chunk_size]
+            logits = (h @ w.t()).float()  # (n, V), the only (n, V) tensor
+            picked = logits.gather(1, t.unsqueeze(1))
+            top = logits.amax(1, keepdim=True)
+            e = logits.sub_(top).exp_()  # in place, as logsumexp computes it
+            sums = e.sum(1, keepdim=True)
+            total += (sums.log() + top - picked).sum()  # log-sum-exp minus the target's logit
+            if not (want_h or want_w):
+                continue
+            d = e.div_(sums)  # softmax
+            d.scatter_add_(1, t.unsqueeze(1), d.new_full((t.numel(), 1), -1.0))
+            d = d.to(w.dtype)
+            if want_h:
+                grad_h[i : i + chunk_size] = d @ w
+            if want_w:
+                part = d.t() @ h
+                grad_w = part if grad_w is None else grad_w.add_(part)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
+        ctx.has = (want_h, want_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        saved = list(ctx.saved_tensors)
+        grad_h = saved.pop(0) * grad if ctx.has[0] else None
+        grad_w = saved.pop(0) * grad if ctx.has[1] else None
+        return grad_h, grad_w, None, None, None, None
 
 
 def selective_lm_loss_sum(
@@ -38,31 +79,24 @@ def selective_lm_loss_sum(
 ) -> torch.Tensor:
     """Same value and gradients as ``causal_lm_loss_sum`` without a full (B, T, V) logits tensor.
 
-    The LM head is applied only at positions whose next token is supervised, in chunks, and each
-    chunk's logits are recomputed in backward instead of being kept (so at most one chunk's
-    logits exist at a time).
+    The LM head is applied only at positions whose next token is supervised, in chunks, and the
+    gradients are taken chunk by chunk in the forward pass (``_LinearCrossEntropy``), so at most
+    one chunk's logits exist at a time and none is kept or recomputed for the backward.
 
     Args:
         hidden: (B, T, C) final hidden states (after the last norm).
         head_weight: (V, C) the LM head (bias-free, as in Llama/Qwen/GPT-2 heads), or a function
             returning it (a 4-bit head dequantizes inside each chunk: the full-precision head
-            is then a temporary, never kept for the backward). ``hidden`` is cast to its dtype.
+            is then a temporary, never kept; it does not train). ``hidden`` is cast to its dtype.
         labels: (B, T) with IGNORE where not supervised.
     """
     targets = labels[:, 1:]  # (B, T-1)
     keep = targets != IGNORE
     h = hidden[:, :-1][keep]  # (N, C)
     t = targets[keep]  # (N,)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, t.numel(), chunk_size):
-        total = total + checkpoint(
-            _chunk_ce,
-            h[i : i + chunk_size],
-            head_weight,
-            t[i : i + chunk_size],
-            use_reentrant=False,
-        )
-    return total
+    weight = None if callable(head_weight) else head_weight
+    grads = torch.is_grad_enabled()  # evaluation (no_grad) takes no gradients
+    return _LinearCrossEntropy.apply(h, weight, t, chunk_size, head_weight, grads)
 
 
 # -- preference and RL losses ---------------------------------------------------------------------

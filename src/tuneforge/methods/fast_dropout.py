@@ -1,61 +1,89 @@
-"""LoRA dropout whose mask costs about a third of ``nn.Dropout``'s on a CPU.
+"""LoRA dropout drawn as a sparse set of positions instead of a full mask (CPU).
 
 peft puts an ``nn.Dropout`` in front of every LoRA A matrix. On a CPU its mask comes from
-``bernoulli_``, one random draw per element: on the built-in model (2 x 512-token rows, 2
-threads) that was 8% of a LoRA training step, more than the 576 x 576 matmul the mask feeds. Here
-the mask is cut from bulk random bits instead (0.8-1.2 ms for a 1024 x 576 input against
-``bernoulli_``'s 2.9 ms, 2 threads): one 64-bit draw gives four 15-bit numbers, and an
-element is dropped when its number is below ``round(p * 2**15)``. The drop probability is that
-threshold over 2**15 (within 1.6e-5 of ``p``), and kept values are scaled by the inverse of the
-keep probability, so the layer stays unbiased, as ``nn.Dropout`` is. Masks come from torch's
-default generator, so a seed (and a resumed RNG state) gives the same masks.
+``bernoulli_``, one random draw per element, and is applied (and kept for backward) as a full
+float tensor: on the built-in model that was 8% of a LoRA training step, more than the
+576 x 576 matmul the mask feeds. Dropping each element independently with probability ``p`` is
+a Bernoulli process, and the gaps between successive drops of a Bernoulli process are
+geometric(p): so ``drop_indices`` draws about ``p * n`` geometric gaps (``geometric_``) and
+sums them into the sorted flat positions of the dropped elements. That is the same
+distribution as ``nn.Dropout``'s mask (exactly ``p``, independently per element) for a
+twentieth of the random draws at ``p = 0.05``; applying it is a copy and a scattered zeroing
+(``index_put_``) of those positions, and backward keeps the ``int64`` positions (``8p`` bytes
+per element) instead of a mask. Kept values are scaled by ``1 / (1 - p)``, so the layer is
+unbiased, as ``nn.Dropout`` is. The gaps come from torch's default generator, so a seed (and a
+resumed RNG state) gives the same drops.
+
+The fused LoRA layer (``tuneforge/fused.py``) draws the same positions but keeps only the
+input (which q, k and v share) and the positions for backward, where it rebuilds the dropped
+copy. On other devices than the CPU ``SparseDropout`` is
+``F.dropout`` (one fused kernel there).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
-_BITS = 15  # each int16 lane of a 64-bit draw in [0, 2**63) has 15 uniform low bits
-_LOW = (1 << _BITS) - 1
-
-
-def drop_threshold(p: float) -> int:
-    """Dropped when the 15-bit number is below this; the drop probability is it / 2**15."""
-    return round(p * (1 << _BITS))
+# gaps drawn per round: the expected count plus this many standard deviations and a constant,
+# so that a second round is rare
+MARGIN_SIGMAS = 6.0
+MARGIN_EXTRA = 16
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool mask of ``shape``: True with probability ``1 - drop_threshold(p) / 2**15``."""
-    n = shape.numel()
-    draws = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
-    lanes = draws.view(torch.int16)[:n].view(shape)
-    return (lanes & _LOW) >= drop_threshold(p)
+def drop_indices(numel: int, p: float, device: torch.device) -> torch.Tensor:
+    """Sorted flat positions in ``[0, numel)``, each present independently with probability
+    ``p``: the partial sums of geometric(p) gaps (number of trials up to the next drop)."""
+    if numel == 0 or p == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    chunks: list[torch.Tensor] = []
+    start = 0.0  # the next position a gap counts from
+    while True:
+        expected = (numel - start) * p
+        n = max(1, int(expected + MARGIN_SIGMAS * math.sqrt(expected) + MARGIN_EXTRA))
+        gaps = torch.empty(n, dtype=torch.float64, device=device).geometric_(p)
+        positions = gaps.cumsum_(0).add_(start - 1)  # float64: exact integers below 2**53
+        last = positions[-1].item()
+        if last >= numel:
+            chunks.append(positions[positions < numel])
+            break
+        chunks.append(positions)
+        start = last + 1
+    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+    return out.to(torch.int64)
 
 
-class _MaskedScale(torch.autograd.Function):
-    """x * scale where the bool mask holds, else 0, saving only the mask for the backward pass.
-    ``where`` reads the bool mask as it is; ``x * mask`` would first convert it to floats."""
+def zero_at(x: torch.Tensor, indices: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """A contiguous copy of ``x * scale`` with the elements at flat ``indices`` set to 0."""
+    out = x.contiguous()
+    out = out.clone() if scale == 1 else out * scale
+    out.view(-1).index_put_((indices,), torch.zeros((), dtype=out.dtype, device=out.device))
+    return out
+
+
+class _DropScale(torch.autograd.Function):
+    """``x * scale`` with the elements at ``indices`` zeroed; backward keeps only the indices."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(mask)
+    def forward(ctx, x: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(indices)
         ctx.scale = scale
-        out = torch.where(mask, x, 0.0)
-        return out if scale == 1 else out.mul_(scale)
+        return zero_at(x, indices, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        out = torch.where(mask, grad, 0.0)
-        return out if ctx.scale == 1 else out.mul_(ctx.scale), None, None
+        (indices,) = ctx.saved_tensors
+        return zero_at(grad, indices, ctx.scale), None, None
 
 
-def masked_scale(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """``x * scale`` where ``mask`` holds, else 0; autograd keeps only the one-byte mask."""
-    return _MaskedScale.apply(x, mask, scale)
+def drop_scale(x: torch.Tensor, indices: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x * scale`` with the elements at flat ``indices`` set to 0 (differentiable in ``x``)."""
+    return _DropScale.apply(x, indices, scale)
 
 
-class BitDropout(torch.nn.Module):
+class SparseDropout(torch.nn.Module):
     """Drop-in for ``nn.Dropout(p)`` (training: zero elements, scale the rest; eval: identity)."""
 
     def __init__(self, p: float):
@@ -63,20 +91,22 @@ class BitDropout(torch.nn.Module):
         if not 0 <= p < 1:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
-        self.keep = 1 - drop_threshold(p) / (1 << _BITS)
+        self.keep = 1 - p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.keep == 1:
+        if not self.training or self.p == 0:
             return x
-        return masked_scale(x, keep_mask(x.shape, self.p, x.device), 1 / self.keep)
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return drop_scale(x, drop_indices(x.numel(), self.p, x.device), 1 / self.keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
-def use_bit_dropout(model: torch.nn.Module) -> int:
+def use_fast_dropout(model: torch.nn.Module) -> int:
     """Replace the ``nn.Dropout`` in front of each LoRA A matrix (peft's ``lora_dropout``) with
-    ``BitDropout`` of the same probability; returns how many were replaced."""
+    ``SparseDropout`` of the same probability; returns how many were replaced."""
     replaced = 0
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
@@ -84,6 +114,6 @@ def use_bit_dropout(model: torch.nn.Module) -> int:
             continue
         for name, layer in dropouts.items():
             if type(layer) is torch.nn.Dropout:
-                dropouts[name] = BitDropout(layer.p)
+                dropouts[name] = SparseDropout(layer.p)
                 replaced += 1
     return replaced

@@ -19,7 +19,7 @@ import torch
 
 from tuneforge.config import MethodConfig
 from tuneforge.errors import TuneforgeError
-from tuneforge.methods.fast_dropout import use_bit_dropout
+from tuneforge.methods.fast_dropout import use_fast_dropout
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
@@ -133,7 +133,7 @@ def apply_peft_method(model: torch.nn.Module, cfg: MethodConfig, tokenizer=None)
         peft_model = get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise TuneforgeError(f"method '{cfg.name}': {str(e).splitlines()[0]}") from None
-    use_bit_dropout(peft_model)  # LoRA / DoRA dropout masks without bernoulli_ (fast_dropout.py)
+    use_fast_dropout(peft_model)  # LoRA / DoRA dropout as sparse positions (fast_dropout.py)
     if cfg.name == "prompt" and cfg.prompt_init_text:
         init_soft_prompt_from_text(peft_model, cfg.prompt_init_text, tokenizer)
     if cfg.name == "prefix" and not cfg.prefix_projection:
@@ -219,7 +219,7 @@ def load_peft_adapter(
             model, adapter_dir, adapter_name=name, is_trainable=is_trainable
         )
     if is_trainable:
-        use_bit_dropout(model)
+        use_fast_dropout(model)
     return model
 
 
