@@ -5,6 +5,10 @@ Peak RSS is the peak while training (VmHWM reset after loading), without the sha
     .venv/bin/python bench/sft_bench.py            # full run (~10 min on 2 cores)
     .venv/bin/python bench/sft_bench.py --n-train 24 --n-eval 8   # smoke run
     .venv/bin/python bench/sft_bench.py --device cuda              # a GPU: bf16, peak GPU memory
+    .venv/bin/python bench/sft_bench.py --rounds 2   # each system twice, the second round reversed
+
+The machine's speed drifts during a run (other tenants); with ``--rounds 2`` every system runs
+once early and once late and the table has the mean, so a steady drift favours none of them.
 
 ``--device cuda`` has not run on a GPU yet (none was lent): it needs a CUDA build of torch with
 this project's dependencies, and the built-in model's cached folder, which is larger than what
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -311,12 +316,41 @@ def child_env(system: str) -> dict:
     return (malloc == "jemalloc" and preload_jemalloc(env)) or env
 
 
+def run_child(system: str, args) -> dict | None:
+    """One system's training in its own process; its result, or None when it failed."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = [sys.executable, __file__, "--child", system, "--out", str(out)]
+    cmd += ["--n-train", str(args.n_train), "--n-eval", str(args.n_eval)]
+    r = subprocess.run(cmd, env=child_env(system), capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"{system} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
+        return None
+    res = json.loads(out.read_text())
+    out.unlink()
+    return res
+
+
+def merge(rounds: list[dict]) -> dict:
+    """One row from a system's rounds: mean wall and CPU seconds, the highest peak memory,
+    the first eval loss (every round trains the same samples from the same seed)."""
+    res = dict(rounds[0])
+    res["seconds"] = statistics.mean(r["seconds"] for r in rounds)
+    res["cpu_seconds"] = statistics.mean(r["cpu_seconds"] for r in rounds)
+    res["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rounds)
+    res["round_seconds"] = [r["seconds"] for r in rounds]
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-train", type=int, default=160)
     p.add_argument("--n-eval", type=int, default=32)
     p.add_argument("--systems", default="tuneforge,hf,trl")
     p.add_argument("--device", default=DEVICE, help="cpu (fp32) or cuda (bf16)")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run every system this many times, alternating order"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -328,30 +362,17 @@ def main() -> int:
         child(args.child, args.n_train, args.n_eval, Path(args.out))
         return 0
     peak = matmul_peak(threads)
-    results = {}
-    for system in args.systems.split(","):
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            out = Path(f.name)
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child",
-            system,
-            "--out",
-            str(out),
-            "--n-train",
-            str(args.n_train),
-            "--n-eval",
-            str(args.n_eval),
-        ]
-        r = subprocess.run(cmd, env=child_env(system), capture_output=True, text=True)
-        if r.returncode != 0:
-            print(f"{system} failed:\n{r.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results[system] = json.loads(out.read_text())
-        out.unlink()
-        res = results[system]
-        print(f"done {system}: {res['seconds']:.1f} s", file=sys.stderr)
+    systems = args.systems.split(",")
+    runs: dict[str, list[dict]] = {}
+    for round_ in range(args.rounds):
+        # odd rounds run the systems in reverse order: with two rounds each system's mean
+        # cancels a steady drift of the machine's speed during the benchmark
+        for system in systems if round_ % 2 == 0 else systems[::-1]:
+            res = run_child(system, args)
+            if res is not None:
+                runs.setdefault(system, []).append(res)
+                print(f"done {system}: {res['seconds']:.1f} s", file=sys.stderr)
+    results = {system: merge(runs[system]) for system in systems if system in runs}
     ref = next((r for k, r in results.items() if k.startswith("tuneforge")), None)
     where = (
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16"
@@ -383,7 +404,12 @@ def main() -> int:
             f"{tpc:.1f} | {r['peak_rss_mb']:.0f} | {r['eval_loss']:.4f} | {100 * mfu:.1f}% | "
             f"{ratio:.2f}x | {ratio_cpu:.2f}x | {rss:.2f} |"
         )
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    if args.rounds > 1:
+        print("\nwall seconds per round (the table has their mean):")
+        for system, r in results.items():
+            print(f"- {system}: " + ", ".join(f"{x:.1f}" for x in r["round_seconds"]))
+    print(f"\nmatmul peak at the end: {matmul_peak(threads) / 1e9:.1f} GFLOP/s")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 
