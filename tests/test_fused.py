@@ -105,17 +105,21 @@ def _step(model, batch, fused_on: bool, seed=3):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_lora_model_step_equals_the_plain_step(dropout):
+@pytest.mark.parametrize("dropout,trainable_base", [(0.0, False), (0.1, False), (0.1, True)])
+def test_lora_model_step_equals_the_plain_step(dropout, trainable_base):
+    """The one-node LoRA layer (frozen base) and the composed one (a base weight that trains)."""
     from tuneforge.data.batching import collate_padded
 
     model, tok = _lora_model(lora_dropout=dropout)
+    if trainable_base:
+        model.base_model.model.model.layers[1].self_attn.q_proj.base_layer.weight.requires_grad_()
     model.train()
     batch = collate_padded(make_samples(4, seed=5), tok.pad_token_id)
     ref_loss, ref = _step(model, batch, False)
     loss, grads = _step(model, batch, True)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
-    assert ref.keys() == grads.keys() and len(ref) == 2 * 5 * 2  # A and B, 5 modules, 2 layers
+    # A and B, 5 modules, 2 layers (and the trained base weight)
+    assert ref.keys() == grads.keys() and len(ref) == 2 * 5 * 2 + trainable_base
     for n in ref:
         assert ref[n].abs().sum() > 0, n
         torch.testing.assert_close(grads[n], ref[n], rtol=1e-4, atol=1e-6)

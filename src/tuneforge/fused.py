@@ -154,28 +154,41 @@ def _mlp_forward(plain):
 
 
 # -- LoRA -----------------------------------------------------------------------------------------
-class _DroppedProjection(torch.autograd.Function):
-    """``zero_at(x, indices) @ weight.T * scale`` (the LoRA A product of a dropped input),
-    keeping ``x`` and the dropped positions for backward instead of the dropped copy: q, k and v
-    share their input, so the three layers keep one tensor where they kept three copies."""
+class _LoraLinear(torch.autograd.Function):
+    """A frozen ``nn.Linear`` and its LoRA branch in one node:
+    ``x @ W.T + bias + (zero_at(x, indices) @ A.T) * scale @ B.T``.
+
+    Forward keeps ``x`` (q, k and v share it, so their three layers keep one tensor where the
+    dropped copies were three) and the ``[tokens x r]`` product, not a dropped copy; backward
+    rebuilds the dropped input for A's gradient and accumulates the input gradient of both
+    branches into one tensor (``addmm_``), where autograd would add two ``[tokens x in]``
+    gradients in a separate pass."""
 
     @staticmethod
-    def forward(ctx, x, weight, indices, scale: float):
-        ctx.save_for_backward(x, weight, indices)
+    def forward(ctx, x, weight, bias, a, b, indices, scale: float):
+        out = F.linear(x, weight, bias)
+        dropped = x if indices is None else zero_at(x, indices)
+        h = dropped.matmul(a.t()).mul_(scale)  # [tokens, r]
+        out.addmm_(h, b.t())
+        ctx.save_for_backward(x, weight, a, b, h, indices)
         ctx.scale = scale
-        return zero_at(x, indices).matmul(weight.t()).mul_(scale)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight, indices = ctx.saved_tensors
-        grad = grad * ctx.scale
-        dx = dw = None
+        x, weight, a, b, h, indices = ctx.saved_tensors
+        d_h = grad.matmul(b).mul_(ctx.scale)  # [tokens, r]
+        dx = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = grad.matmul(weight)
-            dx.view(-1).index_put_((indices,), torch.zeros((), dtype=dx.dtype))
-        if ctx.needs_input_grad[1]:
-            dw = grad.t().matmul(zero_at(x, indices))
-        return dx, dw, None, None
+            dx = d_h.matmul(a)
+            if indices is not None:
+                dx.view(-1).index_put_((indices,), torch.zeros((), dtype=dx.dtype))
+            dx.addmm_(grad, weight)
+        if ctx.needs_input_grad[3]:
+            da = d_h.t().matmul(x if indices is None else zero_at(x, indices))
+        if ctx.needs_input_grad[4]:
+            db = grad.t().matmul(h)
+        return dx, None, None, da, db, None, None
 
 
 def _lora_forward(plain):
@@ -202,16 +215,21 @@ def _lora_forward(plain):
             return plain(self, x, *args, **kwargs)
         scale = self.scaling[name]
         x2 = x.reshape(-1, x.shape[-1])  # 2D throughout: addmm_ on a view would cost a copy
-        out = F.linear(x2, base.weight, base.bias)
-        if type(dropout) is torch.nn.Identity or not dropout.training or dropout.p == 0:
-            h = F.linear(x2, a.weight).mul_(scale)  # [tokens, r]
-        elif type(dropout) is SparseDropout and x.device.type == "cpu":
+        trains = base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad)
+        plain_input = type(dropout) is torch.nn.Identity or not dropout.training or dropout.p == 0
+        sparse = type(dropout) is SparseDropout and x.device.type == "cpu"
+        if trains or not (plain_input or sparse):  # a trainable base, nn.Dropout, a GPU
+            out = F.linear(x2, base.weight, base.bias)
+            h = F.linear(x2 if plain_input else dropout(x2), a.weight).mul_(scale)  # [tokens, r]
+            return out.addmm_(h, b.weight.t()).view(*x.shape[:-1], out.shape[-1])
+        indices = None
+        if not plain_input:
             indices = drop_indices(x2.numel(), dropout.p, x.device)
-            # dropout's 1 / keep goes on the [tokens x r] product with the scaling
-            h = _DroppedProjection.apply(x2.contiguous(), a.weight, indices, scale / dropout.keep)
-        else:
-            h = F.linear(dropout(x2), a.weight).mul_(scale)
-        return out.addmm_(h, b.weight.t()).view(*x.shape[:-1], out.shape[-1])
+            scale = scale / dropout.keep  # dropout's 1 / keep, on the [tokens x r] product
+        out = _LoraLinear.apply(
+            x2.contiguous(), base.weight, base.bias, a.weight, b.weight, indices, scale
+        )
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     return forward
 
