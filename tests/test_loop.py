@@ -175,3 +175,51 @@ def test_compile_gives_the_eager_losses_with_packing_and_fused_ops(tmp_path):
         losses.append([r["loss"] for r in rows if "loss" in r])
     assert len(losses[0]) == 2
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+_DENORMAL_CHECK = """
+import sys, torch
+from tuneforge.train import flush_denormals
+flush_denormals(sys.argv[1] == "on")
+torch.set_num_threads(2)
+x = torch.full((4_000_000,), 1e-39)  # a denormal
+y = x * 0.5  # both threads take part (the second half is the worker's)
+print(int((y == 0).sum()), y.numel())
+"""
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_flush_denormals_reaches_every_thread(on):
+    """Set before the first parallel op (as ``train`` does), the worker thread flushes too:
+    every denormal result is 0; off, none is."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _DENORMAL_CHECK, "on" if on else "off"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    zeros, n = map(int, out.stdout.split())
+    assert zeros == (n if on else 0)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_train_sets_denormals_before_loading_the_model(tmp_path, monkeypatch, on):
+    import tuneforge.train as train_mod
+    from tuneforge.errors import TuneforgeError
+
+    calls = []
+    monkeypatch.setattr(train_mod, "flush_denormals", lambda e: calls.append(("flush", e)))
+
+    def load(*a, **k):
+        calls.append(("load",))
+        raise TuneforgeError("stop here")
+
+    monkeypatch.setattr(train_mod, "load_model", load)
+    data = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "a", "output": "b"}])
+    cfg = tiny_config(tmp_path, data, **{"training.flush_denormal": on})
+    with pytest.raises(TuneforgeError, match="stop here"):
+        train_mod.train(cfg)
+    assert calls == [("flush", on), ("load",)]
