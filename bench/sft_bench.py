@@ -265,11 +265,6 @@ def peak_rss_mb() -> float:
 def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
     from tuneforge.train.memory import allocator
 
-    if system.startswith("tuneforge"):  # as `tuneforge train` does first (training.flush_denormal)
-        from tuneforge.config import TrainingConfig
-        from tuneforge.train import flush_denormals
-
-        flush_denormals(TrainingConfig().flush_denormal)
     torch.manual_seed(0)
     model, tok, train, evals = load_everything(n_train, n_eval)
     runner = {

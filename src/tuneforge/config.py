@@ -243,11 +243,6 @@ class TrainingConfig:
         "Qwen2/3 models (tuneforge/fused.py): the same numbers up to float rounding, fewer passes "
         "over activations; false runs the models' own code.",
     )
-    flush_denormal: bool = _f(
-        True,
-        "CPU: treat denormal floats (below 1.2e-38) as zero, which x86 otherwise handles in slow "
-        "microcode (train/__init__.py flush_denormals); false keeps IEEE denormals.",
-    )
     progress: bool = _f(True, "Show a progress bar (loss, lr, tokens/s, ETA).")
     # -- preference objectives (dpo, ppo, reward); see train/dpo.py, train/ppo.py, train/reward.py
     beta: float = _f(

@@ -61,7 +61,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=
     only rank 0 writes.
     """
     return_freed_memory()  # glibc: freed tensors go back to the system (train/memory.py)
-    flush_denormals(cfg.training.flush_denormal)  # before any parallel op: every thread gets it
     if cfg.training.objective != "sft" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise TuneforgeError(
             f"training.objective: {cfg.training.objective} runs in one process only; "
@@ -191,17 +190,6 @@ def check_fsdp_optimizer(t, device: torch.device) -> None:
             "fine-tuning on several processes (FSDP2); set training.optimizer: adamw, or run "
             "in one process"
         )
-
-
-def flush_denormals(enabled: bool) -> None:
-    """On a CPU, treat denormal floats (magnitudes below 1.2e-38) as zero, as operands and as
-    results (x86's FTZ and DAZ bits; TensorFlow sets them in its CPU threads). x86 handles
-    denormals in microcode, many times slower than other floats; they arise inside kernels
-    (exponentials of very negative scores, for one): no op of a training step of the built-in
-    model returned any. The bits are per thread and a thread copies them when it starts, so
-    this runs before the first parallel op: ``train`` calls it first thing, and in a process
-    that already ran parallel ops only the calling thread changes."""
-    torch.set_flush_denormal(enabled)
 
 
 def prepare_for_speed(model: torch.nn.Module, t) -> None:
