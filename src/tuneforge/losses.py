@@ -28,10 +28,10 @@ def _head_weight(weight):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk, with the
-    gradients computed in forward: each chunk's logits become ``softmax - one_hot`` in place and
-    are multiplied back at once, so only ``d loss / d hidden`` (and the head's gradient, when it
-    trains) is kept. Backward scales them by the incoming gradient: no logits are kept or
-    recomputed."""
+    gradients computed in forward: each chunk's logits become their exponentials ``e`` in place
+    and are multiplied back at once (``(softmax - one_hot) @ W = (e @ W) / sum(e) - W[target]``),
+    so only ``d loss / d hidden`` (and the head's gradient, when it trains) is kept. Backward
+    scales them by the incoming gradient: no logits are kept or recomputed."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size: int, head, grads: bool):
@@ -51,13 +51,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += (sums.log() + top - picked).sum()  # log-sum-exp minus the target's logit
             if not (want_h or want_w):
                 continue
-            d = e.div_(sums)  # softmax
-            d.scatter_add_(1, t.unsqueeze(1), d.new_full((t.numel(), 1), -1.0))
-            d = d.to(w.dtype)
+            # softmax - one_hot = e / sums - one_hot: the division goes on the [n x C] products
+            # (a pass over [n x V] fewer), the one-hot part is a gather / index_add of rows
+            e = e.to(w.dtype)
+            inv = sums.reciprocal()
             if want_h:
-                grad_h[i : i + chunk_size] = d @ w
+                grad_h[i : i + chunk_size] = (e @ w).mul_(inv).sub_(w[t])
             if want_w:
-                part = d.t() @ h
+                part = e.t() @ (h * inv.to(h.dtype))
+                part.index_add_(0, t, h, alpha=-1)
                 grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has = (want_h, want_w)
