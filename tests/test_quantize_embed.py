@@ -106,7 +106,8 @@ def test_selective_loss_through_the_4bit_head_equals_the_plain_loss():
     assert len(fast_grads) == 2 * len(TINY_LINEARS)
     for name, g in fast_grads.items():
         assert g.abs().max() > 0 or "lora_A" in name, name  # lora_B is 0 at start: A's grad is 0
-        torch.testing.assert_close(g, plain_grads[name], rtol=1e-4, atol=1e-7)
+        # rounding: the loss takes (softmax - one_hot) @ W as (e @ W) / sum(e) - W[target]
+        torch.testing.assert_close(g, plain_grads[name], rtol=1e-3, atol=1e-6)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     reference = causal_lm_loss_sum(model(**inputs).logits, batch["labels"])
     torch.testing.assert_close(plain, reference.detach())
