@@ -38,9 +38,11 @@ def _tiny_model(layers: int):
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
 
-def _saved_bytes(model, T: int) -> tuple[int, int]:
+def _saved_bytes(model, T: int, packed: bool = False) -> tuple[int, int]:
     """Bytes of the distinct non-parameter tensors autograd saves in one SFT forward: all but
-    int64 ones, and the int64 ones (dropout's dropped positions, a random count)."""
+    int64 ones, and the int64 ones (dropout's dropped positions, a random count). ``packed``:
+    two samples in one row through tuneforge's per-sample SDPA, as the trainer runs them."""
+    from tuneforge.attention import cu_seq_lens, register
     from tuneforge.train.sft import SFTObjective
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -57,6 +59,15 @@ def _saved_bytes(model, T: int) -> tuple[int, int]:
     labels = ids.clone()
     labels[:, : T // 2] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    if packed:
+        model.config._attn_implementation = register()
+        half = torch.arange(T // 2)
+        batch = {
+            "input_ids": ids,
+            "position_ids": torch.cat([half, half]).unsqueeze(0),
+            "labels": labels,
+        }
+        batch["cu_seq_lens_q"] = cu_seq_lens(batch["position_ids"])
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         SFTObjective().loss_sum(model, batch)
@@ -77,10 +88,13 @@ def _saved_bytes(model, T: int) -> tuple[int, int]:
         ("lora", 0.1, ["v_proj", "down_proj"]),
     ],
 )
-@pytest.mark.parametrize("fused", [False, True])
-def test_layer_activations_equal_what_autograd_saves(shape, method, dropout, targets, fused):
+@pytest.mark.parametrize("fused,packed", [(False, False), (True, False), (True, True)])
+def test_layer_activations_equal_what_autograd_saves(
+    shape, method, dropout, targets, fused, packed
+):
     """One more decoder layer adds exactly the bytes ``layer_activations`` predicts (fp32), with
-    the models' own code and with tuneforge's fused ops (training.fused_ops)."""
+    the models' own code, with tuneforge's fused ops (training.fused_ops), and with two samples
+    packed in a row through the per-sample SDPA."""
     from tuneforge.fused import fused_ops
     from tuneforge.methods import apply_method
 
@@ -92,9 +106,9 @@ def test_layer_activations_equal_what_autograd_saves(shape, method, dropout, tar
         model = apply_method(_tiny_model(layers), cfg)
         with fused_ops(model, fused) as on:
             assert on == fused
-            saved.append(_saved_bytes(model, T))
+            saved.append(_saved_bytes(model, T, packed))
     settings = MethodSettings.from_config(cfg)
-    fp32, elems = layer_activations(shape, settings, fused, fused, fused)
+    fp32, elems = layer_activations(shape, settings, fused, fused, fused, packed_sdpa=packed)
     # dropped positions: 8 bytes for each of p * T * (inputs of the adapted layers), binomial
     inputs = sum(x.in_features for x in shape.targets(settings.target_modules)) if dropout else 0
     index_bytes = 8 * dropout * T * inputs

@@ -339,6 +339,7 @@ def layer_activations(
     fused_mlp: bool = False,
     fused_lora: bool = False,
     cpu: bool = True,
+    packed_sdpa: bool = False,
 ) -> tuple[float, float]:
     """(fp32 elements, compute-dtype elements) autograd keeps per token per decoder layer.
 
@@ -354,13 +355,17 @@ def layer_activations(
     keeping it (full fine-tuning only; a frozen norm weight never needed it). ``fused_mlp``: the
     MLP's activation runs as ``fused.swiglu``, which recomputes SiLU(gate) in backward instead
     of keeping it. ``fused_lora``: LoRA layers run as ``fused.py``'s, which on a CPU keep the
-    shared input and the dropped positions but no dropped copy.
+    shared input and the dropped positions but no dropped copy. ``packed_sdpa``: packed rows
+    through ``attention.varlen_sdpa``, where each sample's SDPA keeps its own output and the
+    output projection reads a joined copy: one more ``hidden`` per token wherever that
+    projection keeps its input (LoRA on o_proj, full fine-tuning).
     """
     d, I, kv, H = shape.hidden, shape.intermediate, shape.kv_dim, shape.heads  # noqa: E741
     norm = 2 * d + 2 + H  # norm inputs, 1/rms, log-sum-exp (fp32)
     base = 2 * d + 2 * kv + (2 if fused_mlp else 3) * I  # q, attention out, k, v, gate, up, silu
+    joined = d if packed_sdpa else 0  # o_proj's input is not SDPA's output (see above)
     if s.name == "full":
-        return norm, base + (2 if fused_norms else 4) * d + I
+        return norm, base + (2 if fused_norms else 4) * d + I + joined
     if s.name in ("lora", "rslora", "qlora", "dora"):
         extra = masks = 0.0
         groups: dict[str, list[Linear]] = {}
@@ -375,8 +380,10 @@ def layer_activations(
                 masks += inputs * (2 * p if cpu else 1 / 4)
             if copies:  # each adapted layer's dropped input
                 extra += inputs
-            elif group != "attn_out":  # o_proj's input is SDPA's output, kept anyway
+            elif group != "attn_out":
                 extra += members[0].in_features  # one shared input per group
+            else:  # o_proj's input is SDPA's output, kept anyway, unless joined from samples
+                extra += joined
         if s.name == "dora":  # DoRA rescales the base output: keeps it and the LoRA output
             extra += sum(2 * x.out_features for x in shape.targets(s.target_modules))
         return norm + masks, base + extra
@@ -398,8 +405,10 @@ def activation_bytes(shape: ModelShape, work: Workload, s: MethodSettings) -> fl
     from tuneforge.fused import FAMILIES
 
     fused = work.fused_ops and shape.model_type in FAMILIES
+    cpu = work.device == "cpu"
+    # packed rows on a CPU go through attention.varlen_sdpa (a GPU: flash-attn's kernel)
     fp32_elems, elems = layer_activations(
-        shape, s, fused and work.dtype_bytes == 4, fused, fused, work.device == "cpu"
+        shape, s, fused and work.dtype_bytes == 4, fused, fused, cpu, work.packing and cpu
     )
     per_layer = fp32_elems * 4 + elems * work.dtype_bytes
     if work.gradient_checkpointing:
