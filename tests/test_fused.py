@@ -106,7 +106,7 @@ def _step(model, batch, fused_on: bool, seed=3):
 
 
 @pytest.mark.parametrize("dropout,trainable_base", [(0.0, False), (0.1, False), (0.1, True)])
-def test_lora_model_step_equals_the_plain_step(dropout, trainable_base):
+def test_lora_model_step_equals_the_plain_step(dropout, trainable_base, monkeypatch):
     """The one-node LoRA layer (frozen base) and the composed one (a base weight that trains)."""
     from tuneforge.data.batching import collate_padded
 
@@ -116,7 +116,11 @@ def test_lora_model_step_equals_the_plain_step(dropout, trainable_base):
     model.train()
     batch = collate_padded(make_samples(4, seed=5), tok.pad_token_id)
     ref_loss, ref = _step(model, batch, False)
+    nodes = []
+    apply = fused._LoraLinear.apply
+    monkeypatch.setattr(fused._LoraLinear, "apply", lambda *a: nodes.append(1) or apply(*a))
     loss, grads = _step(model, batch, True)
+    assert len(nodes) == 2 * 5 - trainable_base  # every LoRA layer but the trainable base's
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     # A and B, 5 modules, 2 layers (and the trained base weight)
     assert ref.keys() == grads.keys() and len(ref) == 2 * 5 * 2 + trainable_base

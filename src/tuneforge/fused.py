@@ -32,7 +32,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from tuneforge.methods.fast_dropout import zero_at
+from tuneforge.methods.fast_dropout import zero_at, zero_at_
 
 # model_type -> the transformers modeling module, its RMSNorm and its MLP class, whose code is
 # Llama's (weight * x * rsqrt(mean(x^2) + eps); rotate_half over the two halves of head_dim;
@@ -182,7 +182,7 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = d_h.matmul(a)
             if indices is not None:
-                dx.view(-1).index_put_((indices,), torch.zeros((), dtype=dx.dtype))
+                zero_at_(dx, indices)
             dx.addmm_(grad, weight)
         if ctx.needs_input_grad[3]:
             da = d_h.t().matmul(x if indices is None else zero_at(x, indices))

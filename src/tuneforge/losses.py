@@ -61,15 +61,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 part = e.t() @ (h * inv.to(h.dtype))
                 part.index_add_(0, t, h, alpha=-1)
                 grad_w = part if grad_w is None else grad_w.add_(part)
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
-        ctx.has = (want_h, want_w)
+        ctx.save_for_backward(grad_h, grad_w)
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        saved = list(ctx.saved_tensors)
-        grad_h = saved.pop(0) * grad if ctx.has[0] else None
-        grad_w = saved.pop(0) * grad if ctx.has[1] else None
+        grad_h, grad_w = (None if g is None else g * grad for g in ctx.saved_tensors)
         return grad_h, grad_w, None, None, None, None
 
 

@@ -16,8 +16,8 @@ resumed RNG state) gives the same drops.
 
 The fused LoRA layer (``tuneforge/fused.py``) draws the same positions but keeps only the
 input (which q, k and v share) and the positions for backward, where it rebuilds the dropped
-copy. On other devices than the CPU ``SparseDropout`` is
-``F.dropout`` (one fused kernel there).
+copy. On other devices than the CPU ``SparseDropout`` is ``F.dropout`` (one fused kernel
+there).
 """
 
 from __future__ import annotations
@@ -59,12 +59,16 @@ def drop_indices(numel: int, p: float, device: torch.device) -> torch.Tensor:
     return out.to(torch.int64)
 
 
+def zero_at_(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Set the elements of contiguous ``x`` at flat ``indices`` to 0, in place; returns ``x``."""
+    x.view(-1).index_put_((indices,), torch.zeros((), dtype=x.dtype, device=x.device))
+    return x
+
+
 def zero_at(x: torch.Tensor, indices: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """A contiguous copy of ``x * scale`` with the elements at flat ``indices`` set to 0."""
     out = x.contiguous()
-    out = out.clone() if scale == 1 else out * scale
-    out.view(-1).index_put_((indices,), torch.zeros((), dtype=out.dtype, device=out.device))
-    return out
+    return zero_at_(out.clone() if scale == 1 else out * scale, indices)
 
 
 class _DropScale(torch.autograd.Function):
