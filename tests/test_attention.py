@@ -121,3 +121,42 @@ def test_varlen_micro_batches_are_one_row_without_padding(tmp_path):
     # two rows would not be split by transformers' flash path: the samples would see each other
     two = collate_packed([samples[:3], samples[3:6]], tok.pad_token_id, varlen=True)
     assert not _is_packed_sequence(two["position_ids"], 2)
+
+
+def test_stepping_by_hand_inside_running_is_what_run_trains(tmp_path):
+    """``Trainer.running()`` is the context ``run`` trains in: per-sample attention and fused
+    ops while it lasts (no layer keeps a [T x T] mask), the plain model after it. A bench that
+    called ``train_step`` outside it measured the whole-row mask path instead."""
+    from transformers.models.llama import modeling_llama
+
+    from tuneforge.config import TrainingConfig
+    from tuneforge.train.loop import Trainer
+
+    model, tok, _ = load_model("tiny-llama")
+    samples = make_samples(8)
+    t = TrainingConfig(max_steps=2, batch_size=2, progress=False)
+    args = (SFTObjective(), samples, [], t, tmp_path, tok.pad_token_id, torch.device("cpu"))
+    trainer = Trainer(model, *args, packing=True, max_length=64)
+    plain_norm = modeling_llama.LlamaRMSNorm.forward
+
+    def square_saved(step: int) -> list[tuple]:
+        rows = trainer.make_batch(trainer.window(step)[0])["input_ids"].shape[-1]
+        assert rows != model.config.hidden_size
+        shapes = []
+
+        def pack(x):
+            if x.dim() >= 2 and tuple(x.shape[-2:]) == (rows, rows):
+                shapes.append(tuple(x.shape))
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            trainer.accumulate_gradients(step)
+        return shapes
+
+    assert square_saved(0)  # outside: the whole-row mask path, a [T x T] mask per layer
+    with trainer.running():
+        assert model.config._attn_implementation == VARLEN_SDPA
+        assert modeling_llama.LlamaRMSNorm.forward is not plain_norm
+        assert square_saved(1) == []
+    assert model.config._attn_implementation == "sdpa"
+    assert modeling_llama.LlamaRMSNorm.forward is plain_norm

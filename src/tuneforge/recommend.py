@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from tuneforge.errors import TuneforgeError
 from tuneforge.estimate import (
+    FIT_MARGIN,
     GIB,
     Estimate,
     MethodSettings,
@@ -200,6 +201,10 @@ def recommend(
         "lora-quick": MethodSettings("lora", **QUICK_LORA),
         "qlora": MethodSettings("qlora", **QUALITY_LORA),
     }
+    # the methods this goal can end on, in order of preference
+    candidates = {"quality": ("full", "lora", "qlora"), "speed": ("lora-quick", "qlora")}.get(
+        goal if tasks <= 1 else "", ("lora", "qlora")
+    )
     setups = [(False, batch_size), (True, batch_size), (True, 1)]
     for checkpointing, batch in dict.fromkeys(setups):
         work = _workload(device, batch, max_length, checkpointing, supervised_fraction)
@@ -207,29 +212,33 @@ def recommend(
         for key, s in options.items():
             est[key] = estimate_method(shape, work, s, rate)
             est[key].label = _label(s)
-        if any(e.fits(memory) for e in est.values()):
+        if any(est[k].fits(memory) for k in candidates):
             break
     fits = {k: e.fits(memory) for k, e in est.items()}
     budget = f"{gib(memory)} GiB"
     setup = ""
     if work.gradient_checkpointing:
+        names = " or ".join(_label(options[k]) for k in candidates)
         setup = (
-            f" (at batch {work.batch_size} with gradient checkpointing: nothing fits at batch "
-            f"{batch_size} without it)"
+            f" (at batch {work.batch_size} with gradient checkpointing: {names} does not fit at "
+            f"batch {batch_size} without it)"
         )
 
     def need(key: str) -> str:
         return f"{gib(est[key].peak)} GiB"
 
+    def over(key: str) -> str:  # why it does not fit
+        return f"{need(key)} (+{FIT_MARGIN:.0%} margin) > {budget}"
+
     def pick(key: str, why: str) -> Recommendation:
         return Recommendation(est[key], options[key], why + setup, list(est.values()), work, shape)
 
-    if not any(fits.values()):
+    if not any(fits[k] for k in candidates):
         return Recommendation(
             None,
             None,
             f"nothing fits in {budget}: even QLoRA at batch 1 with gradient checkpointing "
-            f"needs {need('qlora')}; use a smaller model, shorter max_length or more memory",
+            f"needs {over('qlora')}; use a smaller model, shorter max_length or more memory",
             list(est.values()),
             work,
             shape,
@@ -244,7 +253,7 @@ def recommend(
             f"serve them together (tuneforge serve BASE --adapters a=RUN_A b=RUN_B)"
         )
         if key == "qlora":
-            why += f"; LoRA needs {need('lora')} > {budget}, so the base is 4-bit"
+            why += f"; LoRA needs {over('lora')}, so the base is 4-bit"
         return pick(key, why)
     if goal == "quality":
         if fits["full"]:
@@ -256,7 +265,7 @@ def recommend(
         key = "lora" if fits["lora"] else "qlora"
         return pick(
             key,
-            f"maximum quality, but full fine-tuning needs {need('full')} > {budget}; "
+            f"maximum quality, but full fine-tuning needs {over('full')}; "
             f"{key} with rank 16 on every linear layer ({need(key)}) comes closest",
         )
     if goal == "speed":
@@ -269,7 +278,7 @@ def recommend(
             )
         return pick(
             "qlora",
-            f"quick iteration wants LoRA, but it needs {need('lora-quick')} > {budget}; "
+            f"quick iteration wants LoRA, but it needs {over('lora-quick')}; "
             f"QLoRA fits ({need('qlora')})",
         )
     if fits["lora"]:
@@ -285,6 +294,6 @@ def recommend(
         )
     return pick(
         "qlora",
-        f"limited memory: LoRA needs {need('lora')} > {budget}; QLoRA's 4-bit base brings it to "
+        f"limited memory: LoRA needs {over('lora')}; QLoRA's 4-bit base brings it to "
         f"{need('qlora')}",
     )

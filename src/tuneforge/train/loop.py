@@ -3,12 +3,14 @@ clipping, eval, early stopping, checkpoints with exact resume, metrics and progr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -369,13 +371,22 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> LoopResult:
         """Train to the end (or early stop), resuming from the latest checkpoint if asked."""
+        with self.running():
+            return self._run(resume)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """The model as training runs it: fused ops on (``training.fused_ops``) and, for packed
+        rows under SDPA, per-sample attention (tuneforge.attention); both undone on exit.
+        ``run`` trains inside it; a caller stepping by hand (``train_step``) must too."""
         with fused_ops(self.model, self.cfg.fused_ops):
             if not self.varlen_sdpa:
-                return self._run(resume)
+                yield
+                return
             config = self.model.config
             config._attn_implementation = register_varlen_sdpa()
             try:
-                return self._run(resume)
+                yield
             finally:
                 config._attn_implementation = "sdpa"
 
