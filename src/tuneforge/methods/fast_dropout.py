@@ -50,8 +50,8 @@ def drop_indices(numel: int, p: float, device: torch.device) -> torch.Tensor:
         gaps = u.log_().div_(log_q).floor_().add_(1)
         positions = gaps.cumsum_(0).add_(start - 1)  # float64: exact integers below 2**53
         last = positions[-1].item()
-        if last >= numel:
-            chunks.append(positions[positions < numel])
+        if last >= numel:  # sorted: keep those below numel by slicing (no boolean mask)
+            chunks.append(positions[: int(torch.searchsorted(positions, float(numel)))])
             break
         chunks.append(positions)
         start = last + 1
