@@ -79,7 +79,11 @@ def _train_cli(tmp_path: Path, env: dict, name: str):
         f"model: tiny-llama\noutput_dir: {out}\ndata: {{train: {data}, max_length: 64}}\n"
         "training: {max_steps: 1, progress: false}\nmethod: {name: lora, r: 2}\n"
     )
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("TUNEFORGE_MALLOC")}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("TUNEFORGE_MALLOC", "MALLOC_CONF", "LD_PRELOAD"))
+    }
     r = subprocess.run(
         [sys.executable, "-m", "tuneforge", "train", str(config)],
         capture_output=True,
@@ -120,9 +124,13 @@ def test_train_reexecutes_with_the_jemalloc_it_finds(tmp_path):
 
 @pytest.mark.skipif(find_jemalloc() is None, reason="jemalloc is not installed here")
 def test_train_runs_under_the_real_jemalloc(tmp_path):
+    from tuneforge.train.memory import JEMALLOC_CONF
+
     r, out = _train_cli(tmp_path, {}, "run")
     assert r.returncode == 0, r.stderr
     assert _summary_malloc(out) == "jemalloc"
+    # the re-executed run keeps its freed pages (the caller's MALLOC_CONF was removed)
+    assert json.loads((out / "summary.json").read_text())["malloc_conf"] == JEMALLOC_CONF
 
 
 def test_a_wrong_allocator_choice_is_one_line(tmp_path):

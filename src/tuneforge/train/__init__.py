@@ -249,5 +249,6 @@ def _summary(cfg: Config, r: LoopResult, data, model, resolved: str) -> dict:
         "supervised_tokens": r.supervised_tokens,
         "skipped_steps": r.skipped_steps,
         "malloc": allocator(),  # jemalloc when `tuneforge train` found it (train/memory.py)
+        "malloc_conf": os.environ.get("MALLOC_CONF") if allocator() == "jemalloc" else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
