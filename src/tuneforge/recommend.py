@@ -201,10 +201,16 @@ def recommend(
         "lora-quick": MethodSettings("lora", **QUICK_LORA),
         "qlora": MethodSettings("qlora", **QUALITY_LORA),
     }
-    # the methods this goal can end on, in order of preference
-    candidates = {"quality": ("full", "lora", "qlora"), "speed": ("lora-quick", "qlora")}.get(
-        goal if tasks <= 1 else "", ("lora", "qlora")
-    )
+    # The methods the choice below can end on: a setup is good enough once one of them fits
+    # (LoRA r8 fitting alone does not make QLoRA fit).
+    if tasks > 1:
+        candidates = ("lora", "qlora")
+    elif goal == "quality":
+        candidates = ("full", "lora", "qlora")
+    elif goal == "speed":
+        candidates = ("lora-quick", "qlora")
+    else:
+        candidates = ("lora", "qlora")
     setups = [(False, batch_size), (True, batch_size), (True, 1)]
     for checkpointing, batch in dict.fromkeys(setups):
         work = _workload(device, batch, max_length, checkpointing, supervised_fraction)
