@@ -69,7 +69,7 @@ def format_table(
     head = "| method | trainable | weights | grads | AdamW | activations | logits | peak GiB |"
     rule = "| --- | --- | --- | --- | --- | --- | --- | --- |"
     if memory is not None:
-        head += f" fits {gib(memory)} |"
+        head += f" fits {gib(memory)} (+{FIT_MARGIN:.0%}) |"
         rule += " --- |"
     head += " time/step | time/epoch | note |"
     rule += " --- | --- | --- |"
