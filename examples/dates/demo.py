@@ -14,12 +14,14 @@ from tuneforge.eval.generate import generate
 from tuneforge.eval.metrics import exact_match
 from tuneforge.runs import load_for_inference
 from tuneforge.train import train
+from tuneforge.train.memory import reexec_with_jemalloc
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 
 
 def main() -> int:
+    reexec_with_jemalloc()  # as `tuneforge train` runs: jemalloc when installed (train/memory.py)
     cfg = load_config(ROOT / "configs" / "lora.yaml", sys.argv[1:])
     start = time.perf_counter()
     train(cfg, overwrite=True)
