@@ -39,10 +39,14 @@ print(rss_mib() - before)
 """
 
 
+def plain_env() -> dict[str, str]:
+    """This process's environment without allocator settings (MALLOC_*, LD_PRELOAD): glibc's
+    own malloc, whatever the test process runs with."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "LD_PRELOAD"))}
+
+
 def kept_mib(mode: str) -> float:
-    # glibc's own malloc, whatever the test process runs with
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "LD_PRELOAD"))}
-    env["PYTHONPATH"] = SRC
+    env = {**plain_env(), "PYTHONPATH": SRC}
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True, check=True
     )
@@ -79,11 +83,7 @@ def _train_cli(tmp_path: Path, env: dict, name: str):
         f"model: tiny-llama\noutput_dir: {out}\ndata: {{train: {data}, max_length: 64}}\n"
         "training: {max_steps: 1, progress: false}\nmethod: {name: lora, r: 2}\n"
     )
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("TUNEFORGE_MALLOC", "MALLOC_CONF", "LD_PRELOAD"))
-    }
+    clean = {k: v for k, v in plain_env().items() if not k.startswith("TUNEFORGE_MALLOC")}
     r = subprocess.run(
         [sys.executable, "-m", "tuneforge", "train", str(config)],
         capture_output=True,
@@ -163,7 +163,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def _faults(extra_conf: str | None) -> int:
     from tuneforge.train.memory import preload_jemalloc
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "LD_PRELOAD"))}
+    env = plain_env()
     if extra_conf:
         env["MALLOC_CONF"] = extra_conf
     env = preload_jemalloc(env)
@@ -173,7 +173,7 @@ def _faults(extra_conf: str | None) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def test_the_callers_malloc_conf_comes_after_ours(monkeypatch, tmp_path):
+def test_the_callers_malloc_conf_comes_after_ours(monkeypatch):
     from tuneforge.train import memory
 
     monkeypatch.setattr(memory, "find_jemalloc", lambda: "/lib/libjemalloc.so.2")

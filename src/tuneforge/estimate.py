@@ -57,14 +57,15 @@ GPU_TFLOPS = {
 }
 GPU_MFU = 0.35  # model FLOP utilisation typical of fine-tuning small batches on one GPU
 # Fraction of the matmul probe's fp32 rate a CPU training step reaches, both per CPU second:
-# 0.59 measured on the built-in model with packed rows and fused ops (bench/estimate_bench.py,
-# LoRA; 0.51-0.54 by wall time in bench/sft_bench.py). Until the bench stepped inside
-# Trainer.running() it measured the unfused, whole-row-mask path and found ~0.2.
+# 0.59 and 0.93 in two runs on the built-in model with packed rows and fused ops (LoRA,
+# bench/estimate_bench.py; the probe is noisy on a shared machine), 0.51-0.54 by wall time in
+# bench/sft_bench.py. Until the bench stepped inside Trainer.running() it measured the
+# unfused, whole-row-mask path and found ~0.2.
 CPU_MFU = 0.5
-# bitsandbytes dequantizes each 4-bit weight for every matmul, forward and backward: 1.10x
-# LoRA's CPU time per step measured on CPU (bench/estimate_bench.py; 1.2-1.6x on the unfused
-# path); the CUDA figure is an assumption (fused kernels; not measured here, no GPU).
-QLORA_SLOWDOWN = {"cpu": 1.15, "cuda": 1.3}
+# bitsandbytes dequantizes each 4-bit weight for every matmul, forward and backward: 1.10x and
+# 1.38x LoRA's CPU time per step in two runs on CPU (bench/estimate_bench.py; 1.2-1.6x on the
+# unfused path); the CUDA figure is an assumption (fused kernels; not measured here, no GPU).
+QLORA_SLOWDOWN = {"cpu": 1.25, "cuda": 1.3}
 # Measured peaks came out 8-16% above the estimate (bench/estimate_bench.py: allocator overhead
 # and memory allocated at the first step), so "fits" asks for this much room on top.
 FIT_MARGIN = 0.15

@@ -226,6 +226,7 @@ def save_trained(
 
 def _summary(cfg: Config, r: LoopResult, data, model, resolved: str) -> dict:
     trainable, total = trainable_parameters(model)
+    malloc = allocator()
     return {
         "model": cfg.model,
         "resolved_model": resolved,
@@ -248,7 +249,7 @@ def _summary(cfg: Config, r: LoopResult, data, model, resolved: str) -> dict:
         "train_seconds_this_process": round(r.seconds, 2),
         "supervised_tokens": r.supervised_tokens,
         "skipped_steps": r.skipped_steps,
-        "malloc": allocator(),  # jemalloc when `tuneforge train` found it (train/memory.py)
-        "malloc_conf": os.environ.get("MALLOC_CONF") if allocator() == "jemalloc" else None,
+        "malloc": malloc,  # jemalloc when `tuneforge train` found it (train/memory.py)
+        "malloc_conf": os.environ.get("MALLOC_CONF") if malloc == "jemalloc" else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

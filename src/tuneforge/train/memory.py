@@ -15,9 +15,9 @@ libjemalloc2``; conda: ``conda install jemalloc``). ``TUNEFORGE_MALLOC=glibc`` t
 **Freed pages stay with jemalloc** (``JEMALLOC_CONF``, passed as ``MALLOC_CONF`` with the
 preload). jemalloc's default gives unused pages back to the system over ten seconds (blocks of
 8 MiB and more at once), and a training step wants them back within a second: on the built-in
-model (LoRA, 24 packed micro-batches of about 1000 tokens, 2 threads) that was about 250,000 page
-faults per micro-batch, 6.7-7.7 s of each pass's ~78 s of CPU time spent in the kernel handing
-back zeroed pages. ``dirty_decay_ms:-1,muzzy_decay_ms:-1`` keeps them: under 100 faults a pass
+model (LoRA, 12 micro-batches of two packed rows, about 1000 tokens each, 2 threads) that was
+about 250,000 page faults per micro-batch, 6.7-7.7 s of each pass's ~78 s of CPU time spent in
+the kernel handing back zeroed pages. ``dirty_decay_ms:-1,muzzy_decay_ms:-1`` keeps them: under 100 faults a pass
 after the first, 0.6 s in the kernel, 2.84-2.87 ms per token against 3.13-3.31 (-9%),
 alternating processes, for 2058 MB peak RSS instead of 1999-2007. Kept pages alone are not
 enough: with jemalloc's default ``lg_extent_max_active_fit:6`` a freed block is reused only for
