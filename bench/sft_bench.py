@@ -263,6 +263,7 @@ def peak_rss_mb() -> float:
 
 
 def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
+    from tuneforge import kernels
     from tuneforge.train.memory import allocator
 
     torch.manual_seed(0)
@@ -270,6 +271,7 @@ def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
     runner = {
         "tuneforge": run_tuneforge,
         "tuneforge-plain": lambda *a: run_tuneforge(*a, fused=False),
+        "tuneforge-torchops": run_tuneforge,  # TUNEFORGE_KERNELS=0 (child_env)
         "hf": run_hf,
         "trl": run_trl,
     }[system.split("+")[0]]
@@ -291,6 +293,7 @@ def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
         "peak_rss_mb": train_peak,
         "samples": len(train),
         "malloc": allocator(),
+        "cpu_kernels": kernels.loaded(),
     }
     out.write_text(json.dumps(result))
 
@@ -298,6 +301,7 @@ def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
 NAMES = {
     "tuneforge": "tuneforge (packed, selective head)",
     "tuneforge-plain": "tuneforge, training.fused_ops false",
+    "tuneforge-torchops": "tuneforge, fused ops without the C++ kernels",
     "hf": "HF Trainer + peft (padded)",
     "trl": "TRL SFTTrainer (packing)",
 }
@@ -311,6 +315,8 @@ def child_env(system: str) -> dict:
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     name, _, malloc = system.partition("+")
+    if name == "tuneforge-torchops":
+        env["TUNEFORGE_KERNELS"] = "0"
     if name.startswith("tuneforge"):
         malloc = malloc or os.environ.get(CHOICE_ENV, "jemalloc")
     return (malloc == "jemalloc" and preload_jemalloc(env)) or env

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama import modeling_llama
 
-from tuneforge import fused
+from tuneforge import fused, kernels
 from tuneforge.config import MethodConfig, TrainingConfig
 from tuneforge.fused import fused_ops, rms_norm, rotary
 from tuneforge.methods import apply_method
@@ -20,6 +20,18 @@ from .test_batching import make_samples
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
 
 
+@pytest.fixture(params=["kernels", "torch"])
+def kernel_path(request):
+    """Each fused function twice: with the fused CPU kernels (tuneforge.kernels) and without."""
+    if request.param == "torch":
+        with kernels.disabled():
+            yield request.param
+        return
+    if not kernels.available():
+        pytest.skip("no C++ compiler here: the fused CPU kernels are not built")
+    yield request.param
+
+
 def _grads(fn, *inputs, upstream):
     """fn's output and the gradients of (output * upstream).sum() w.r.t. inputs."""
     inputs = [x.detach().clone().requires_grad_() for x in inputs]
@@ -28,7 +40,7 @@ def _grads(fn, *inputs, upstream):
     return out.detach(), [x.grad for x in inputs]
 
 
-def test_rms_norm_equals_llama_rmsnorm_values_and_gradients():
+def test_rms_norm_equals_llama_rmsnorm_values_and_gradients(kernel_path):
     torch.manual_seed(0)
     norm = modeling_llama.LlamaRMSNorm(96, eps=1e-5)
     x = torch.randn(3, 17, 96) * 3
@@ -73,7 +85,7 @@ def test_rotary_equals_apply_rotary_pos_emb_values_and_gradients():
     torch.testing.assert_close(dk, rk)
 
 
-def test_swiglu_equals_silu_times_up_values_and_gradients():
+def test_swiglu_equals_silu_times_up_values_and_gradients(kernel_path):
     torch.manual_seed(2)
     gate, up = torch.randn(3, 7, 40) * 3, torch.randn(3, 7, 40)
     upstream = torch.randn(3, 7, 40)
@@ -106,7 +118,7 @@ def _step(model, batch, fused_on: bool, seed=3):
 
 
 @pytest.mark.parametrize("dropout,trainable_base", [(0.0, False), (0.1, False), (0.1, True)])
-def test_lora_model_step_equals_the_plain_step(dropout, trainable_base, monkeypatch):
+def test_lora_model_step_equals_the_plain_step(dropout, trainable_base, monkeypatch, kernel_path):
     """The one-node LoRA layer (frozen base) and the composed one (a base weight that trains)."""
     from tuneforge.data.batching import collate_padded
 
@@ -187,7 +199,9 @@ def test_unknown_families_are_left_alone():
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
-def test_trainer_runs_the_fused_path_with_the_plain_losses(tmp_path, name, monkeypatch):
+def test_trainer_runs_the_fused_path_with_the_plain_losses(
+    tmp_path, name, monkeypatch, kernel_path
+):
     calls = {"rms": 0, "rotary": 0, "swiglu": 0}
     real_rms, real_rotary = fused.rms_norm, fused.rotary
 
@@ -224,7 +238,7 @@ def test_trainer_runs_the_fused_path_with_the_plain_losses(tmp_path, name, monke
 
 
 @pytest.mark.slow
-def test_builtin_model_packed_lora_step_equals_the_plain_step():
+def test_builtin_model_packed_lora_step_equals_the_plain_step(kernel_path):
     from tuneforge.attention import cu_seq_lens, register
     from tuneforge.data.batching import collate_packed
     from tuneforge.data.dataset import load_conversations

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tuneforge import kernels
 from tuneforge.train.memory import find_jemalloc
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
@@ -130,7 +131,10 @@ def test_train_runs_under_the_real_jemalloc(tmp_path):
     assert r.returncode == 0, r.stderr
     assert _summary_malloc(out) == "jemalloc"
     # the re-executed run keeps its freed pages (the caller's MALLOC_CONF was removed)
-    assert json.loads((out / "summary.json").read_text())["malloc_conf"] == JEMALLOC_CONF
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["malloc_conf"] == JEMALLOC_CONF
+    # and the fused CPU kernels ran in it (built by `make install`, or on first use)
+    assert summary["cpu_kernels"] is (kernels.compiler() is not None)
 
 
 def test_a_wrong_allocator_choice_is_one_line(tmp_path):

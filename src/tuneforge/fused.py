@@ -16,7 +16,9 @@ compute the same values with fewer passes and hand-written backward passes:
   B product is added into the base output by ``addmm_``; with ``SparseDropout`` the layer
   keeps its input and the dropped positions, not a dropped copy (q, k and v share the input).
 
-They give the plain path's numbers up to float rounding (tests compare values and gradients).
+Where the fused CPU kernels are built (``tuneforge.kernels``), SwiGLU, RMSNorm and the dropped
+LoRA input each run as one pass over memory. They give the plain path's numbers up to float
+rounding (tests compare values and gradients, with and without the kernels).
 ``fused_ops(model)`` switches them on for one model family for the length of a ``with`` block
 (the trainer holds it for a run; ``training.fused_ops: false`` keeps the plain path). Models
 outside ``FAMILIES``, other dtypes than float32 for RMSNorm, DoRA, several active adapters,
@@ -32,6 +34,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from tuneforge import kernels
 from tuneforge.methods.fast_dropout import zero_at, zero_at_
 
 # model_type -> the transformers modeling module, its RMSNorm and its MLP class, whose code is
@@ -49,17 +52,24 @@ FAMILIES = {
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+        if kernels.usable(x, weight):
+            out, rstd = torch.ops.tuneforge.rms_norm_forward(x, weight, eps)
+        else:
+            rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))
+            out = (x * rstd).mul_(weight)
         ctx.save_for_backward(x, weight, rstd)
-        return (x * rstd).mul_(weight)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        gw = grad * weight
-        # d/dx of x * rstd: rstd * (gw - x * rstd^2 * mean(gw * x))
-        dot = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(rstd.pow(2) / x.shape[-1])
-        dx = gw.addcmul_(x, dot, value=-1).mul_(rstd)
+        # d/dx of x * rstd: rstd * (gw - x * rstd^2 * mean(gw * x)), gw = grad * weight
+        if kernels.usable(grad, x, weight, rstd):
+            dx = torch.ops.tuneforge.rms_norm_backward(grad, x, weight, rstd)
+        else:
+            gw = grad * weight
+            dot = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(rstd.pow(2) / x.shape[-1])
+            dx = gw.addcmul_(x, dot, value=-1).mul_(rstd)
         dw = None
         if ctx.needs_input_grad[1]:
             dw = (grad * x).mul_(rstd).reshape(-1, x.shape[-1]).sum(0)
@@ -127,11 +137,16 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
+        if kernels.usable(gate, up) and gate.shape == up.shape:
+            return torch.ops.tuneforge.swiglu_forward(gate, up)
         return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
+        if kernels.usable(grad, gate, up) and grad.shape == gate.shape == up.shape:
+            d_gate, d_up = torch.ops.tuneforge.swiglu_backward(grad, gate, up)
+            return d_gate, d_up if ctx.needs_input_grad[1] else None
         d_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
         d_gate = torch.ops.aten.silu_backward(grad * up, gate)
         return d_gate, d_up

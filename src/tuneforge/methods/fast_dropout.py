@@ -9,7 +9,7 @@ geometric(p): so ``drop_indices`` draws about ``p * n`` geometric gaps (by inver
 uniform draws) and sums them into the sorted flat positions of the dropped elements. That is the same
 distribution as ``nn.Dropout``'s mask (exactly ``p``, independently per element) for a
 twentieth of the random draws at ``p = 0.05``; applying it is a copy and a scattered zeroing
-(``index_put_``) of those positions, and backward keeps the ``int64`` positions (``8p`` bytes
+of those positions (one pass with the fused CPU kernels, ``tuneforge.kernels``), and backward keeps the ``int64`` positions (``8p`` bytes
 per element) instead of a mask. Kept values are scaled by ``1 / (1 - p)``, so the layer is
 unbiased, as ``nn.Dropout`` is. The gaps come from torch's default generator, so a seed (and a
 resumed RNG state) gives the same drops.
@@ -26,6 +26,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from tuneforge import kernels
 
 # gaps drawn per round: the expected count plus this many standard deviations and a constant,
 # so that a second round is rare
@@ -60,14 +62,20 @@ def drop_indices(numel: int, p: float, device: torch.device) -> torch.Tensor:
 
 
 def zero_at_(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Set the elements of contiguous ``x`` at flat ``indices`` to 0, in place; returns ``x``."""
+    """Set the elements of contiguous ``x`` at flat (sorted) ``indices`` to 0, in place;
+    returns ``x``."""
+    if kernels.usable(x):
+        return torch.ops.tuneforge.zero_at_(x, indices)
     x.view(-1).index_put_((indices,), torch.zeros((), dtype=x.dtype, device=x.device))
     return x
 
 
 def zero_at(x: torch.Tensor, indices: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """A contiguous copy of ``x * scale`` with the elements at flat ``indices`` set to 0."""
+    """A contiguous copy of ``x * scale`` with the elements at flat (sorted) ``indices`` set to
+    0 (one pass with the fused CPU kernels)."""
     out = x.contiguous()
+    if kernels.usable(out):
+        return torch.ops.tuneforge.zero_at(out, indices, scale)
     return zero_at_(out.clone() if scale == 1 else out * scale, indices)
 
 

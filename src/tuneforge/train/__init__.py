@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tuneforge import kernels
 from tuneforge.config import Config, dump_config
 from tuneforge.data.dataset import prepare_sft_data
 from tuneforge.errors import TuneforgeError
@@ -251,5 +252,6 @@ def _summary(cfg: Config, r: LoopResult, data, model, resolved: str) -> dict:
         "skipped_steps": r.skipped_steps,
         "malloc": malloc,  # jemalloc when `tuneforge train` found it (train/memory.py)
         "malloc_conf": os.environ.get("MALLOC_CONF") if malloc == "jemalloc" else None,
+        "cpu_kernels": kernels.loaded(),  # the fused CPU kernels ran (tuneforge/kernels)
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

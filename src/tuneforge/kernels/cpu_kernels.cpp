@@ -1,0 +1,233 @@
+// Fused CPU kernels for the memory-bound parts of a training step (tuneforge/kernels).
+//
+// Each one does in a single pass over memory what the PyTorch path does in several: SwiGLU's
+// forward (silu, multiply) and backward (silu again, two multiplies, silu_backward); RMSNorm's
+// forward (pow, mean, rsqrt, two multiplies) and input gradient; the dropped copy of a LoRA
+// input (copy, then scattered zeros). They use ATen's vector type, so SiLU's exponential is the
+// same Sleef call as torch's and SwiGLU's values match torch's bit for bit; RMSNorm sums in a
+// different order (float rounding). float32, contiguous, CPU only: the Python side checks.
+//
+// Built once per machine by tuneforge/kernels/__init__.py (g++ -march=native -fopenmp).
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#define CPU_CAPABILITY AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kGrain = 32768;  // elements per task, as ATen's element-wise loops
+
+void check(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              name, " must be a contiguous float32 CPU tensor");
+}
+
+// silu(x) = x / (1 + exp(-x)), written as torch's own kernel writes it
+inline Vec silu(const Vec& x) { return x / (Vec(1.0f) + x.neg().exp()); }
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+at::Tensor swiglu_forward(const at::Tensor& gate, const at::Tensor& up) {
+  check(gate, "gate");
+  check(up, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "gate and up differ in shape");
+  auto out = at::empty_like(gate);
+  const float* g = gate.const_data_ptr<float>();
+  const float* u = up.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, gate.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    constexpr int64_t W = Vec::size();
+    int64_t i = begin;
+    for (; i + 2 * W <= end; i += 2 * W) {  // two vectors per round: the exponentials overlap
+      Vec a = silu(Vec::loadu(g + i)), b = silu(Vec::loadu(g + i + W));
+      (a * Vec::loadu(u + i)).store(o + i);
+      (b * Vec::loadu(u + i + W)).store(o + i + W);
+    }
+    for (; i < end; ++i) o[i] = silu(g[i]) * u[i];
+  });
+  return out;
+}
+
+// d_up = grad * silu(gate); d_gate = grad * up * s * (1 + gate * (1 - s)), s = sigmoid(gate)
+// (torch's silu_backward, with grad * up as its incoming gradient)
+std::tuple<at::Tensor, at::Tensor> swiglu_backward(const at::Tensor& grad, const at::Tensor& gate,
+                                                   const at::Tensor& up) {
+  check(grad, "grad");
+  check(gate, "gate");
+  check(up, "up");
+  TORCH_CHECK(grad.sizes() == gate.sizes() && gate.sizes() == up.sizes(), "shapes differ");
+  auto d_gate = at::empty_like(gate);
+  auto d_up = at::empty_like(gate);
+  const float* dy = grad.const_data_ptr<float>();
+  const float* g = gate.const_data_ptr<float>();
+  const float* u = up.const_data_ptr<float>();
+  float* dg = d_gate.data_ptr<float>();
+  float* du = d_up.data_ptr<float>();
+  at::parallel_for(0, gate.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    constexpr int64_t W = Vec::size();
+    const Vec one(1.0f);
+    int64_t i = begin;
+    for (; i + W <= end; i += W) {
+      Vec x = Vec::loadu(g + i), d = Vec::loadu(dy + i);
+      Vec e = x.neg().exp();
+      Vec s = one / (one + e);
+      (d * (x / (one + e))).store(du + i);
+      ((d * Vec::loadu(u + i)) * (s * (one + x * (one - s)))).store(dg + i);
+    }
+    for (; i < end; ++i) {
+      float x = g[i], d = dy[i], e = std::exp(-x), s = 1.0f / (1.0f + e);
+      du[i] = d * (x / (1.0f + e));
+      dg[i] = (d * u[i]) * (s * (1.0f + x * (1.0f - s)));
+    }
+  });
+  return {d_gate, d_up};
+}
+
+inline float row_sum_squares(const float* x, int64_t n) {
+  return at::vec::map_reduce_all<float>([](Vec v) { return v * v; },
+                                        [](Vec a, Vec b) { return a + b; }, x, n);
+}
+
+inline float row_dot(const float* a, const float* b, int64_t n) {
+  return at::vec::map2_reduce_all<float>([](Vec x, Vec y) { return x * y; },
+                                         [](Vec x, Vec y) { return x + y; }, a, b, n);
+}
+
+// out = x * rstd * weight over rows of x [rows, n]; rstd = 1 / sqrt(mean(x^2) + eps) per row
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight,
+                                                    double eps) {
+  check(x, "x");
+  check(weight, "weight");
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  TORCH_CHECK(weight.numel() == n, "weight does not match the last dimension");
+  auto out = at::empty_like(x);
+  auto rstd_shape = x.sizes().vec();
+  rstd_shape.back() = 1;
+  auto rstd = at::empty(rstd_shape, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  const float* w = weight.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  float* r = rstd.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / n), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* xr = xp + row * n;
+      float* orow = o + row * n;
+      const float s = 1.0f / std::sqrt(row_sum_squares(xr, n) / n + static_cast<float>(eps));
+      r[row] = s;
+      at::vec::map2<float>([s](Vec a, Vec b) { return a * Vec(s) * b; }, orow, xr, w, n);
+    }
+  });
+  return {out, rstd};
+}
+
+// the input gradient: rstd * (g - x * rstd^2 * mean(g * x)), g = grad * weight
+at::Tensor rms_norm_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& rstd) {
+  check(grad, "grad");
+  check(x, "x");
+  check(weight, "weight");
+  check(rstd, "rstd");
+  const int64_t n = x.size(-1), rows = x.numel() / n;
+  auto dx = at::empty_like(x);
+  const float* dy = grad.const_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  const float* w = weight.const_data_ptr<float>();
+  const float* r = rstd.const_data_ptr<float>();
+  float* d = dx.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / n), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* dyr = dy + row * n;
+      const float* xr = xp + row * n;
+      float* dr = d + row * n;
+      at::vec::map2<float>([](Vec a, Vec b) { return a * b; }, dr, dyr, w, n);  // g
+      const float s = r[row];
+      const float c = row_dot(dr, xr, n) * (s * s / n);
+      at::vec::map2<float>([s, c](Vec g, Vec xv) { return (g - xv * Vec(c)) * Vec(s); }, dr, dr,
+                           xr, n);
+    }
+  });
+  return dx;
+}
+
+// The elements of `out` at the sorted flat positions `indices` that fall in [begin, end) set to 0.
+void zero_range(float* out, const int64_t* idx, int64_t count, int64_t begin, int64_t end) {
+  const int64_t* first = std::lower_bound(idx, idx + count, begin);
+  const int64_t* last = std::lower_bound(first, idx + count, end);
+  for (const int64_t* p = first; p != last; ++p) out[*p] = 0.0f;
+}
+
+void check_indices(const at::Tensor& indices, int64_t numel) {
+  TORCH_CHECK(indices.device().is_cpu() && indices.scalar_type() == at::kLong &&
+                  indices.is_contiguous() && indices.dim() == 1,
+              "indices must be a 1-D contiguous int64 CPU tensor");
+  const int64_t count = indices.numel();
+  if (count) {
+    const int64_t* idx = indices.const_data_ptr<int64_t>();
+    TORCH_CHECK(idx[0] >= 0 && idx[count - 1] < numel, "indices out of range");
+  }
+}
+
+// A copy of x * scale with the elements at the sorted flat `indices` set to 0, in one pass.
+at::Tensor zero_at(const at::Tensor& x, const at::Tensor& indices, double scale) {
+  check(x, "x");
+  check_indices(indices, x.numel());
+  auto out = at::empty_like(x);
+  const float* xp = x.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  const int64_t count = indices.numel();
+  const float f = static_cast<float>(scale);
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    if (f == 1.0f) {
+      std::copy(xp + begin, xp + end, o + begin);
+    } else {
+      at::vec::map<float>([f](Vec v) { return v * Vec(f); }, o + begin, xp + begin, end - begin);
+    }
+    zero_range(o, idx, count, begin, end);
+  });
+  return out;
+}
+
+at::Tensor& zero_at_(at::Tensor& x, const at::Tensor& indices) {
+  check(x, "x");
+  check_indices(indices, x.numel());
+  zero_range(x.data_ptr<float>(), indices.const_data_ptr<int64_t>(), indices.numel(), 0,
+             x.numel());
+  return x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tuneforge, m) {
+  m.def("swiglu_forward(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> Tensor");
+  m.def("zero_at(Tensor x, Tensor indices, float scale) -> Tensor");
+  m.def("zero_at_(Tensor(a!) x, Tensor indices) -> Tensor(a!)");
+}
+
+TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
+  m.impl("swiglu_forward", swiglu_forward);
+  m.impl("swiglu_backward", swiglu_backward);
+  m.impl("rms_norm_forward", rms_norm_forward);
+  m.impl("rms_norm_backward", rms_norm_backward);
+  m.impl("zero_at", zero_at);
+  m.impl("zero_at_", zero_at_);
+}

@@ -1,0 +1,152 @@
+"""The fused CPU kernels (tuneforge/kernels): built with the system's compiler, the same numbers
+as the PyTorch ops they replace, and a clean fallback when they cannot be built."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tuneforge import fused, kernels
+from tuneforge.methods.fast_dropout import drop_indices, zero_at, zero_at_
+
+from .conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    assert kernels.available(), "the kernels did not build"
+    return torch.ops.tuneforge
+
+
+def test_the_library_is_cached_per_source_and_machine(ops):
+    path = kernels.library_path()
+    assert path.exists() and path.suffix == ".so"
+    assert kernels.build() == path  # already built: no second compile
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 40), (1, 4099), (5, 3, 2 * 32768 + 17)])
+def test_swiglu_matches_torch_bit_for_bit(ops, shape):
+    """The same formula and the same Sleef exponential as torch's silu: identical floats, also
+    in the scalar tail (odd sizes) and across parallel chunks (over 32768 elements)."""
+    torch.manual_seed(0)
+    gate, up, grad = torch.randn(shape) * 4, torch.randn(shape), torch.randn(shape)
+    assert torch.equal(ops.swiglu_forward(gate, up), F.silu(gate) * up)
+    d_gate, d_up = ops.swiglu_backward(grad, gate, up)
+    assert torch.equal(d_up, grad * F.silu(gate))
+    ref = torch.ops.aten.silu_backward(grad * up, gate)
+    torch.testing.assert_close(d_gate, ref, rtol=2e-6, atol=1e-7)  # a different factoring
+
+
+@pytest.mark.parametrize("n", [576, 97])
+def test_rms_norm_matches_float64(ops, n):
+    torch.manual_seed(1)
+    x, w, grad = torch.randn(33, n) * 3, torch.randn(n), torch.randn(33, n)
+    out, rstd = ops.rms_norm_forward(x, w, 1e-5)
+    x64, w64 = x.double().requires_grad_(), w.double()
+    ref = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    (ref * grad.double()).sum().backward()
+    assert rstd.shape == (33, 1)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    dx = ops.rms_norm_backward(grad, x, w, rstd)
+    torch.testing.assert_close(dx.double(), x64.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 0.95])
+def test_zero_at_matches_index_put(ops, scale):
+    torch.manual_seed(2)
+    x = torch.randn(5, 40_000)  # 200k elements: several parallel chunks
+    idx = drop_indices(x.numel(), 0.05, x.device)
+    idx = torch.cat([torch.tensor([0]), idx[(idx > 0) & (idx < x.numel() - 1)],
+                     torch.tensor([x.numel() - 1])])  # fmt: skip
+    ref = (x * scale).view(-1).index_put_((idx,), torch.tensor(0.0)).view_as(x)
+    out = ops.zero_at(x, idx, scale)
+    assert torch.equal(out, ref)
+    assert out.data_ptr() != x.data_ptr()
+    y = x.clone()
+    assert ops.zero_at_(y, idx).data_ptr() == y.data_ptr()
+    assert torch.equal(y, x.view(-1).index_put((idx,), torch.tensor(0.0)).view_as(x))
+    # no positions: a plain copy
+    assert torch.equal(ops.zero_at(x, torch.empty(0, dtype=torch.int64), 1.0), x)
+
+
+def test_bad_inputs_are_refused_not_written(ops):
+    x = torch.randn(10)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.zero_at_(x, torch.tensor([3, 10]))
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.swiglu_forward(x.double(), x.double())
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.swiglu_forward(torch.randn(4, 6).t(), torch.randn(6, 4))
+
+
+def test_callers_take_the_kernels_only_where_they_apply(ops, monkeypatch):
+    """float32 contiguous CPU tensors go to the kernels; other dtypes and kernels.disabled()
+    take the PyTorch ops, with the same results."""
+    calls = []
+
+    class Spy:  # records which kernels run, then runs them
+        def __getattr__(self, name):
+            return lambda *a: calls.append(name) or getattr(ops, name)(*a)
+
+    x = torch.randn(64, 48)
+    idx = drop_indices(x.numel(), 0.1, x.device)
+    expected = x.view(-1).index_put((idx,), torch.tensor(0.0)).view_as(x)
+    monkeypatch.setattr(torch.ops, "tuneforge", Spy(), raising=False)
+    assert torch.equal(zero_at(x, idx), expected) and calls == ["zero_at"]
+    assert torch.equal(zero_at(x.t().contiguous().t(), idx), expected)  # made contiguous first
+    assert calls == ["zero_at"] * 2
+    assert torch.equal(zero_at(x.double(), idx), expected.double()) and len(calls) == 2
+    g, u = torch.randn(6, 8), torch.randn(6, 8)
+    assert torch.equal(fused.swiglu(g, u), F.silu(g) * u) and calls[-1] == "swiglu_forward"
+    with kernels.disabled():
+        assert torch.equal(zero_at(x, idx), expected)
+        assert torch.equal(zero_at_(x.clone(), idx), expected)
+        assert torch.equal(fused.swiglu(g, u), F.silu(g) * u)
+    assert len(calls) == 3
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+CHECK = """
+    import warnings
+    import torch, torch.nn.functional as F
+    from tuneforge import fused, kernels
+    g, u = torch.randn(6, 8), torch.randn(6, 8)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fused.swiglu(g, u)
+    print(kernels.available(), torch.equal(out, F.silu(g) * u), [str(x.message) for x in w])
+"""
+
+
+def test_turned_off_by_environment(tmp_path):
+    r = _run(CHECK, TUNEFORGE_KERNELS="0", TUNEFORGE_CACHE=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False True []"
+    assert not (tmp_path / "kernels").exists()  # nothing was built
+
+
+def test_a_failed_build_warns_once_and_training_code_still_runs(tmp_path):
+    """A compiler that fails (CXX=/bin/false): one warning, then the PyTorch path with the
+    right values, and no half-written library left in the cache."""
+    r = _run(CHECK, CXX="/bin/false", TUNEFORGE_CACHE=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    available, equal, warned = r.stdout.strip().split(" ", 2)
+    assert (available, equal) == ("False", "True")
+    assert warned.count("fused CPU kernels unavailable (compiling cpu_kernels.cpp failed") == 1
+    assert list(tmp_path.rglob("*.so")) == []
