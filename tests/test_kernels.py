@@ -74,6 +74,25 @@ def test_zero_at_matches_index_put(ops, scale):
     assert torch.equal(ops.zero_at(x, torch.empty(0, dtype=torch.int64), 1.0), x)
 
 
+def test_lora_products_with_the_dropped_input_without_a_copy(ops):
+    """x @ A.T and dh.T @ x corrected for the dropped elements equal the products with the
+    dropped copy (to float rounding), including drops in the first and last element."""
+    torch.manual_seed(3)
+    x, a, d_h = torch.randn(301, 96), torch.randn(8, 96), torch.randn(301, 8)
+    idx = drop_indices(x.numel(), 0.1, x.device)
+    idx = torch.cat([torch.tensor([0]), idx[(idx > 0) & (idx < x.numel() - 1)],
+                     torch.tensor([x.numel() - 1])])  # fmt: skip
+    dropped = x.view(-1).index_put((idx,), torch.tensor(0.0)).view_as(x)
+    h = x @ a.t()
+    assert ops.lora_drop_product_(h, x, a, idx) is h  # in place
+    torch.testing.assert_close(h, dropped @ a.t(), rtol=1e-5, atol=1e-5)
+    da = ops.lora_drop_grad_(d_h.t() @ x, d_h, x, idx)
+    torch.testing.assert_close(da, d_h.t() @ dropped, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(d_h.t() @ x, d_h.t() @ dropped)  # the correction mattered
+    with pytest.raises(RuntimeError, match="not \\[tokens, in\\] for A"):
+        ops.lora_drop_product_(h, x, torch.randn(8, 95), idx)
+
+
 def test_bad_inputs_are_refused_not_written(ops):
     x = torch.randn(10)
     with pytest.raises(RuntimeError, match="out of range"):

@@ -16,8 +16,9 @@ compute the same values with fewer passes and hand-written backward passes:
   B product is added into the base output by ``addmm_``; with ``SparseDropout`` the layer
   keeps its input and the dropped positions, not a dropped copy (q, k and v share the input).
 
-Where the fused CPU kernels are built (``tuneforge.kernels``), SwiGLU, RMSNorm and the dropped
-LoRA input each run as one pass over memory. They give the plain path's numbers up to float
+Where the fused CPU kernels are built (``tuneforge.kernels``), SwiGLU and RMSNorm each run as
+one pass over memory, and the LoRA layer's A products subtract the dropped elements' terms
+instead of multiplying a dropped copy of the input. They give the plain path's numbers up to float
 rounding (tests compare values and gradients, with and without the kernels).
 ``fused_ops(model)`` switches them on for one model family for the length of a ``with`` block
 (the trainer holds it for a run; ``training.fused_ops: false`` keeps the plain path). Models
@@ -182,8 +183,16 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, indices, scale: float):
         out = F.linear(x, weight, bias)
-        dropped = x if indices is None else zero_at(x, indices)
-        h = dropped.matmul(a.t()).mul_(scale)  # [tokens, r]
+        # the fused CPU kernels subtract the dropped elements' terms from x @ A.T (5% of x at
+        # p = 0.05) instead of multiplying a dropped copy of x
+        sparse = indices is not None and kernels.usable(x, a)
+        if indices is None or sparse:
+            h = x.matmul(a.t())  # [tokens, r]
+            if sparse:
+                torch.ops.tuneforge.lora_drop_product_(h, x, a, indices)
+        else:
+            h = zero_at(x, indices).matmul(a.t())
+        h.mul_(scale)
         out.addmm_(h, b.t())
         ctx.save_for_backward(x, weight, a, b, h, indices)
         ctx.scale = scale
@@ -200,7 +209,12 @@ class _LoraLinear(torch.autograd.Function):
                 zero_at_(dx, indices)
             dx.addmm_(grad, weight)
         if ctx.needs_input_grad[3]:
-            da = d_h.t().matmul(x if indices is None else zero_at(x, indices))
+            if indices is None:
+                da = d_h.t().matmul(x)
+            elif kernels.usable(x, d_h):
+                da = torch.ops.tuneforge.lora_drop_grad_(d_h.t().matmul(x), d_h, x, indices)
+            else:
+                da = d_h.t().matmul(zero_at(x, indices))
         if ctx.needs_input_grad[4]:
             db = grad.t().matmul(h)
         return dx, None, None, da, db, None, None

@@ -1,9 +1,10 @@
 """Fused CPU kernels (``cpu_kernels.cpp``), built once per machine with the system's C++ compiler.
 
 A LoRA step on a CPU spends about a quarter of its time in element-wise passes over activations.
-The kernels do SwiGLU's forward and backward, RMSNorm's forward and input gradient and the
-dropped copy of a LoRA input each in one pass (``tuneforge.fused`` and
-``tuneforge.methods.fast_dropout`` call them). They are optional: without a compiler, on other
+The kernels do SwiGLU's forward and backward, RMSNorm's forward and input gradient and a
+dropped copy of a tensor each in one pass, and give LoRA's A products with a dropped input
+without the copy: ``x @ A.T`` and ``dh.T @ x`` minus the dropped elements' terms
+(``tuneforge.fused`` and ``tuneforge.methods.fast_dropout`` call them). They are optional: without a compiler, on other
 devices or dtypes, or with ``TUNEFORGE_KERNELS=0``, the same functions run as PyTorch ops.
 
 The library is compiled on first use (about 15 s; ``make install`` does it ahead, or ``python -m

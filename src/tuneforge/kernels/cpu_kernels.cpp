@@ -2,8 +2,9 @@
 //
 // Each one does in a single pass over memory what the PyTorch path does in several: SwiGLU's
 // forward (silu, multiply) and backward (silu again, two multiplies, silu_backward); RMSNorm's
-// forward (pow, mean, rsqrt, two multiplies) and input gradient; the dropped copy of a LoRA
-// input (copy, then scattered zeros). They use ATen's vector type, so SiLU's exponential is the
+// forward (pow, mean, rsqrt, two multiplies) and input gradient; a dropped copy (copy, then
+// scattered zeros). LoRA's A products with a dropped input take no copy at all: the products
+// with the whole input, minus the dropped elements' terms. They use ATen's vector type, so SiLU's exponential is the
 // same Sleef call as torch's and SwiGLU's values match torch's bit for bit; RMSNorm sums in a
 // different order (float rounding). float32, contiguous, CPU only: the Python side checks.
 //
@@ -207,9 +208,94 @@ at::Tensor zero_at(const at::Tensor& x, const at::Tensor& indices, double scale)
 at::Tensor& zero_at_(at::Tensor& x, const at::Tensor& indices) {
   check(x, "x");
   check_indices(indices, x.numel());
-  zero_range(x.data_ptr<float>(), indices.const_data_ptr<int64_t>(), indices.numel(), 0,
-             x.numel());
+  float* o = x.data_ptr<float>();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  const int64_t count = indices.numel();
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    zero_range(o, idx, count, begin, end);
+  });
   return x;
+}
+
+// LoRA dropout without a dropped copy of the input. With x [tokens, in], A [r, in] and the
+// sorted flat positions of the dropped elements of x, the products with the dropped x are the
+// products with x minus the dropped elements' terms, a few per row (5% of x at p = 0.05):
+//   h  = dropped(x) @ A^T        = x @ A^T        - sum over dropped (t, c) of x[t, c] A[:, c]  (row t)
+//   dA = d_h^T @ dropped(x)      = d_h^T @ x      - sum over dropped (t, c) of d_h[t, :] x[t, c] (column c)
+
+// The dropped positions of rows [row_begin, row_end) of a [rows, in] tensor.
+std::pair<const int64_t*, const int64_t*> rows_range(const int64_t* idx, int64_t count, int64_t in,
+                                                     int64_t row_begin, int64_t row_end) {
+  const int64_t* first = std::lower_bound(idx, idx + count, row_begin * in);
+  return {first, std::lower_bound(first, idx + count, row_end * in)};
+}
+
+void check_lora(const at::Tensor& x, const at::Tensor& a, const at::Tensor& indices) {
+  check(x, "x");
+  check(a, "A");
+  TORCH_CHECK(x.dim() == 2 && a.dim() == 2 && a.size(1) == x.size(1), "x is not [tokens, in] for A");
+  check_indices(indices, x.numel());
+}
+
+// h [tokens, r] -= the dropped elements' terms (in place; h holds x @ A^T)
+at::Tensor& lora_drop_product_(at::Tensor& h, const at::Tensor& x, const at::Tensor& a,
+                               const at::Tensor& indices) {
+  check_lora(x, a, indices);
+  check(h, "h");
+  const int64_t in = x.size(1), r = a.size(0);
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == x.size(0) && h.size(1) == r, "h is not [tokens, r]");
+  auto at_ = a.t().contiguous();  // [in, r]: a column of A is a row here
+  const float* xp = x.const_data_ptr<float>();
+  const float* ap = at_.const_data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  const int64_t count = indices.numel();
+  at::parallel_for(0, x.size(0), 64, [&](int64_t begin, int64_t end) {
+    auto [first, last] = rows_range(idx, count, in, begin, end);
+    int64_t t = begin, row_start = begin * in;  // the row of *p, advanced (no division)
+    for (const int64_t* p = first; p != last; ++p) {
+      while (*p >= row_start + in) ++t, row_start += in;
+      const float v = xp[*p];
+      const float* col = ap + (*p - row_start) * r;
+      float* row = hp + t * r;
+      for (int64_t j = 0; j < r; ++j) row[j] -= v * col[j];
+    }
+  });
+  return h;
+}
+
+// dA [r, in] -= the dropped elements' terms (in place; dA holds d_h^T @ x). Each thread sums
+// its rows' terms into its own [in, r] buffer; the buffers are added at the end.
+at::Tensor& lora_drop_grad_(at::Tensor& da, const at::Tensor& d_h, const at::Tensor& x,
+                            const at::Tensor& indices) {
+  check_lora(x, da, indices);
+  check(d_h, "d_h");
+  const int64_t in = x.size(1), r = da.size(0), tokens = x.size(0);
+  TORCH_CHECK(d_h.dim() == 2 && d_h.size(0) == tokens && d_h.size(1) == r, "d_h is not [tokens, r]");
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tokens));
+  auto acc = at::zeros({parts, in, r}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  const float* gp = d_h.const_data_ptr<float>();
+  float* accp = acc.data_ptr<float>();
+  const int64_t* idx = indices.const_data_ptr<int64_t>();
+  const int64_t count = indices.numel();
+  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t part = pb; part < pe; ++part) {
+      const int64_t rb = tokens * part / parts, re = tokens * (part + 1) / parts;
+      auto [first, last] = rows_range(idx, count, in, rb, re);
+      float* buf = accp + part * in * r;
+      int64_t t = rb, row_start = rb * in;
+      for (const int64_t* p = first; p != last; ++p) {
+        while (*p >= row_start + in) ++t, row_start += in;
+        const float v = xp[*p];
+        const float* g = gp + t * r;
+        float* col = buf + (*p - row_start) * r;
+        for (int64_t j = 0; j < r; ++j) col[j] += v * g[j];
+      }
+    }
+  });
+  da.sub_(acc.sum(0).t());
+  return da;
 }
 
 }  // namespace
@@ -221,6 +307,8 @@ TORCH_LIBRARY(tuneforge, m) {
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> Tensor");
   m.def("zero_at(Tensor x, Tensor indices, float scale) -> Tensor");
   m.def("zero_at_(Tensor(a!) x, Tensor indices) -> Tensor(a!)");
+  m.def("lora_drop_product_(Tensor(a!) h, Tensor x, Tensor a, Tensor indices) -> Tensor(a!)");
+  m.def("lora_drop_grad_(Tensor(a!) da, Tensor d_h, Tensor x, Tensor indices) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
@@ -230,4 +318,6 @@ TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
   m.impl("rms_norm_backward", rms_norm_backward);
   m.impl("zero_at", zero_at);
   m.impl("zero_at_", zero_at_);
+  m.impl("lora_drop_product_", lora_drop_product_);
+  m.impl("lora_drop_grad_", lora_drop_grad_);
 }
