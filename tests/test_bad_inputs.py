@@ -42,6 +42,17 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, corpus_copy, monkeyp
     assert not (corpus_copy / "out").exists()
 
 
+def test_one_line_also_when_the_model_cache_is_empty(corpus_copy, tmp_path, monkeypatch, capsys):
+    """The first run on a machine fills the model cache before it reads the data: that writes no
+    progress bar, so a bad input still prints one line (a fresh CI clone once printed three)."""
+    monkeypatch.setenv("TUNEFORGE_CACHE", str(tmp_path / "cache"))
+    case = next(c for c in CASES if c["name"] == "data_file_missing")
+    code, out = run_case(case["args"], corpus_copy, monkeypatch, capsys)
+    assert (tmp_path / "cache" / "models").is_dir()  # the cache was filled in this run
+    assert code == 2 and out.err.strip().splitlines() == [out.err.strip()], out.err
+    assert case["expect"] in out.err
+
+
 def test_giant_line(tmp_path, monkeypatch, capsys):
     """A 20 MB line of garbage: reported by line number, not loaded into a traceback."""
     data = tmp_path / "giant.jsonl"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
+import io
 import os
 import shutil
 import warnings
@@ -103,7 +104,9 @@ def builtin_path() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         _quiet_transformers()
-        with warnings.catch_warnings():
+        # the GGUF reader's own tqdm bar goes to stderr too: filling the cache is not the
+        # command's output (errors still raise)
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(
@@ -114,12 +117,27 @@ def builtin_path() -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config.name_or_path = BUILTIN
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        _save_cached(model, tok, target)
+    return target
+
+
+def _save_cached(model, tok, target: Path) -> None:
+    """Write a cache folder: into a temporary name first, then renamed into place, and without
+    transformers' "Writing model shards" progress bar (filling the cache is not the command's
+    output: a run that then stops on a bad input still prints one line)."""
+    from transformers.utils import logging as hf_logging
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        tmp.rename(target)
-    return target
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    tmp.rename(target)
 
 
 def tiny_path(alias: str) -> Path:
@@ -147,11 +165,7 @@ def tiny_path(alias: str) -> Path:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(target)
+        _save_cached(model, tok, target)
     return target
 
 
