@@ -146,6 +146,23 @@ def test_a_wrong_allocator_choice_is_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_the_demo_says_a_wrong_allocator_choice_in_one_line():
+    """`make demo` re-executes itself as `tuneforge train` does, and stops the same way."""
+    from .conftest import ROOT
+
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "dates" / "demo.py")],
+        env={**os.environ, "TUNEFORGE_MALLOC": "tcmalloc"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: TUNEFORGE_MALLOC='tcmalloc': use jemalloc or glibc"
+    ]
+
+
 # jemalloc keeps the pages a step frees (JEMALLOC_CONF), so the next step does not fault them in.
 FAULTS_SCRIPT = """
 import resource

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tuneforge.config import load_config
 from tuneforge.data.dataset import load_conversations
+from tuneforge.errors import TuneforgeError
 from tuneforge.eval.generate import generate
 from tuneforge.eval.metrics import exact_match
 from tuneforge.runs import load_for_inference
@@ -51,4 +52,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except TuneforgeError as e:  # a user's mistake (a bad setting): one line, as the CLI does
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
