@@ -169,3 +169,21 @@ def test_a_failed_build_warns_once_and_training_code_still_runs(tmp_path):
     assert (available, equal) == ("False", "True")
     assert warned.count("fused CPU kernels unavailable (compiling cpu_kernels.cpp failed") == 1
     assert list(tmp_path.rglob("*.so")) == []
+
+
+def test_an_unwritable_cache_only_warns(tmp_path):
+    """`make install` runs `python -m tuneforge.kernels`: a cache it cannot write is one line and
+    exit 0, and training code then takes the PyTorch path."""
+    import os
+
+    cache = tmp_path / "not-a-folder"
+    cache.write_text("")  # a file where the cache folder should be
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TUNEFORGE_CACHE": str(cache)}
+    r = subprocess.run(
+        [sys.executable, "-m", "tuneforge.kernels"], env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 0 and r.stdout == ""
+    assert r.stderr.startswith("tuneforge: fused CPU kernels not built:")
+    r = _run(CHECK, TUNEFORGE_CACHE=str(cache))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("False True [") and "fused CPU kernels unavailable" in r.stdout
