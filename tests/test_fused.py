@@ -238,7 +238,8 @@ def test_trainer_runs_the_fused_path_with_the_plain_losses(
 
 
 @pytest.mark.slow
-def test_builtin_model_packed_lora_step_equals_the_plain_step(kernel_path):
+def test_builtin_model_packed_lora_step_equals_the_plain_step():
+    """With the fused CPU kernels where they are built (the tiny-model tests cover both paths)."""
     from tuneforge.attention import cu_seq_lens, register
     from tuneforge.data.batching import collate_packed
     from tuneforge.data.dataset import load_conversations
