@@ -1,6 +1,7 @@
 """The fused CPU kernels (tuneforge/kernels): built with the system's compiler, the same numbers
 as the PyTorch ops they replace, and a clean fallback when they cannot be built."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -23,10 +24,12 @@ def ops():
     return torch.ops.tuneforge
 
 
-def test_the_library_is_cached_per_source_and_machine(ops):
+def test_a_built_library_is_reused_not_recompiled(ops):
     path = kernels.library_path()
     assert path.exists() and path.suffix == ".so"
-    assert kernels.build() == path  # already built: no second compile
+    before = path.stat().st_mtime_ns
+    assert kernels.build() == path
+    assert path.stat().st_mtime_ns == before  # no second compile replaced it
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 40), (1, 4099), (5, 3, 2 * 32768 + 17)])
@@ -130,8 +133,6 @@ def test_callers_take_the_kernels_only_where_they_apply(ops, monkeypatch):
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
-    import os
-
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **env},
@@ -174,8 +175,6 @@ def test_a_failed_build_warns_once_and_training_code_still_runs(tmp_path):
 def test_an_unwritable_cache_only_warns(tmp_path):
     """`make install` runs `python -m tuneforge.kernels`: a cache it cannot write is one line and
     exit 0, and training code then takes the PyTorch path."""
-    import os
-
     cache = tmp_path / "not-a-folder"
     cache.write_text("")  # a file where the cache folder should be
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TUNEFORGE_CACHE": str(cache)}

@@ -9,8 +9,8 @@ geometric(p): so ``drop_indices`` draws about ``p * n`` geometric gaps (by inver
 uniform draws) and sums them into the sorted flat positions of the dropped elements. That is the same
 distribution as ``nn.Dropout``'s mask (exactly ``p``, independently per element) for a
 twentieth of the random draws at ``p = 0.05``; applying it is a copy and a scattered zeroing
-of those positions (one pass with the fused CPU kernels, ``tuneforge.kernels``), and backward keeps the ``int64`` positions (``8p`` bytes
-per element) instead of a mask. Kept values are scaled by ``1 / (1 - p)``, so the layer is
+of those positions (one pass with the fused CPU kernels, ``tuneforge.kernels``), and backward
+keeps the ``int64`` positions (``8p`` bytes per element) instead of a mask. Kept values are scaled by ``1 / (1 - p)``, so the layer is
 unbiased, as ``nn.Dropout`` is. The gaps come from torch's default generator, so a seed (and a
 resumed RNG state) gives the same drops.
 
