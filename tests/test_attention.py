@@ -3,12 +3,25 @@
 import pytest
 import torch
 
+from tuneforge import attention, kernels
 from tuneforge.attention import VARLEN_SDPA, cu_seq_lens, register
 from tuneforge.data.batching import collate_packed
 from tuneforge.models import load_model
 from tuneforge.train.sft import SFTObjective
 
 from .test_batching import make_samples
+
+
+@pytest.fixture(params=["kernel", "sdpa"])
+def attn_path(request):
+    """Each test twice: the C++ varlen_attention kernel (tuneforge.kernels) and SDPA per sample."""
+    if request.param == "sdpa":
+        with kernels.disabled():
+            yield request.param
+        return
+    if not (kernels.available() and torch.ops.tuneforge.has_blas()):
+        pytest.skip("the fused CPU kernels are not built here (no compiler, or no BLAS)")
+    yield request.param
 
 
 def test_cu_seq_lens_from_restarting_positions():
@@ -22,7 +35,7 @@ def _rows(samples):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 @torch.no_grad()
-def test_varlen_logits_equal_the_mask_path_and_each_sample_alone(name):
+def test_varlen_logits_equal_the_mask_path_and_each_sample_alone(name, attn_path):
     model, tok, _ = load_model(name)
     model.eval()
     samples = make_samples(5, seed=1)
@@ -50,7 +63,7 @@ def test_varlen_logits_equal_the_mask_path_and_each_sample_alone(name):
     )
 
 
-def test_varlen_loss_and_gradients_equal_the_mask_path():
+def test_varlen_loss_and_gradients_equal_the_mask_path(attn_path):
     torch.manual_seed(0)
     model, tok, _ = load_model("tiny-llama")
     model.train()
@@ -73,6 +86,35 @@ def test_varlen_loss_and_gradients_equal_the_mask_path():
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-4)
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-5)
+
+
+def test_the_kernel_runs_only_where_it_applies(attn_path, monkeypatch):
+    """float32 CPU tensors without dropout or autocast take the kernel (when built); the others,
+    and kernels.disabled(), run SDPA per sample, with the same output."""
+    calls = []
+    real = attention._VarlenAttention.apply
+    monkeypatch.setattr(attention._VarlenAttention, "apply",
+                        lambda *a: calls.append(1) or real(*a))  # fmt: skip
+    torch.manual_seed(5)
+    lens, T = [5, 11, 3], 19
+    cu = torch.tensor([0, 5, 16, 19], dtype=torch.int32)
+    q = torch.randn(1, T, 4, 16).transpose(1, 2)  # (B, H, T, D) views, as the model passes them
+    k, v = (torch.randn(1, T, 2, 16).transpose(1, 2) for _ in "kv")
+    module = torch.nn.Module()
+    out, _ = attention.varlen_sdpa(module, q, k, v, None, cu_seq_lens_q=cu)
+    assert out.shape == (1, T, 4, 16) and len(calls) == (attn_path == "kernel")
+    ref = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, enable_gqa=True).transpose(1, 2)
+        for qs, ks, vs in zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2), strict=True)
+    ], dim=1)  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    before = len(calls)
+    attention.varlen_sdpa(module, q.double(), k.double(), v.double(), None, cu_seq_lens_q=cu)
+    attention.varlen_sdpa(module, q, k, v, None, dropout=0.1, cu_seq_lens_q=cu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention.varlen_sdpa(module, q, k, v, None, cu_seq_lens_q=cu)
+    assert len(calls) == before
 
 
 def test_trainer_picks_the_per_sample_path_only_for_packed_sdpa(tmp_path):

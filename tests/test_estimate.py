@@ -7,6 +7,8 @@ size against bitsandbytes. Peak RSS of real training is compared in bench/estima
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -89,15 +91,24 @@ def _saved_bytes(model, T: int, packed: bool = False) -> tuple[int, int]:
         ("lora", 0.1, ["v_proj", "down_proj"]),
     ],
 )
-@pytest.mark.parametrize("fused,packed", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(
+    "fused,packed", [(False, False), (True, False), (True, "sdpa"), (True, "kernel")]
+)
 def test_layer_activations_equal_what_autograd_saves(
     shape, method, dropout, targets, fused, packed
 ):
     """One more decoder layer adds exactly the bytes ``layer_activations`` predicts (fp32), with
     the models' own code, with tuneforge's fused ops (training.fused_ops), and with two samples
-    packed in a row through the per-sample SDPA."""
+    packed in a row through SDPA per sample or the C++ attention kernel."""
+    from tuneforge import kernels
     from tuneforge.fused import fused_ops
     from tuneforge.methods import apply_method
+
+    if packed == "kernel" and not kernels.attention_expected():
+        pytest.skip("the fused CPU kernels are not built here")
+    def context():
+        return kernels.disabled() if packed == "sdpa" else contextlib.nullcontext()
+
 
     T = 32
     kw = {} if targets is None else {"target_modules": targets}
@@ -105,11 +116,12 @@ def test_layer_activations_equal_what_autograd_saves(
     saved = []
     for layers in (2, 3):
         model = apply_method(_tiny_model(layers), cfg)
-        with fused_ops(model, fused) as on:
+        with fused_ops(model, fused) as on, context():
             assert on == fused
-            saved.append(_saved_bytes(model, T, packed))
+            saved.append(_saved_bytes(model, T, bool(packed)))
     settings = MethodSettings.from_config(cfg)
-    fp32, elems = layer_activations(shape, settings, fused, fused, fused, packed_sdpa=packed)
+    per_sample = packed == "sdpa"
+    fp32, elems = layer_activations(shape, settings, fused, fused, fused, packed_sdpa=per_sample)
     # dropped positions: 8 bytes for each of p * T * (inputs of the adapted layers), binomial
     inputs = sum(x.in_features for x in shape.targets(settings.target_modules)) if dropout else 0
     index_bytes = 8 * dropout * T * inputs

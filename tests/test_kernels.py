@@ -96,6 +96,62 @@ def test_lora_products_with_the_dropped_input_without_a_copy(ops):
         ops.lora_drop_product_(h, x, torch.randn(8, 95), idx)
 
 
+def _sdpa_per_sample(q, k, v, lens, scale):
+    """The reference: causal SDPA on each sample alone, [tokens, heads, D] in and out."""
+    outs = []
+    for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens), strict=True):
+        o = F.scaled_dot_product_attention(
+            *(t.transpose(0, 1)[None] for t in (qs, ks, vs)),
+            is_causal=True, enable_gqa=True, scale=scale,
+        )  # fmt: skip
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
+def test_varlen_attention_matches_sdpa_per_sample_in_float64(ops, heads, kv_heads):
+    """Values and all three gradients against float64 SDPA per sample: query heads sharing a
+    KV head (stacked in the kernel) and not, a one-token sample, samples of one and of several
+    64-token blocks, and q, k, v as the model gives them (views of [tokens, heads * D]
+    projections, so the head stride is not D * tokens)."""
+    if not ops.has_blas():
+        pytest.skip("this PyTorch exports no BLAS")
+    torch.manual_seed(4)
+    D, lens = 64, [37, 1, 200, 64, 129, 65]
+    T = sum(lens)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(T, heads * D, dtype=torch.float64).view(T, heads, D)
+    k, v = (torch.randn(T, kv_heads * D, dtype=torch.float64).view(T, kv_heads, D) for _ in "kv")
+    grad = torch.randn(T, heads, D, dtype=torch.float64)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _sdpa_per_sample(*ref_in, lens, 0.125)
+    ref.backward(grad)
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    out, lse = ops.varlen_attention_forward(q32, k32, v32, cu, 0.125)
+    assert out.shape == (T, heads, D) and lse.shape == (T, heads)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    # log-sum-exp of the first sample's first row: its only score, q . k * scale
+    torch.testing.assert_close(lse[0].double(), (q[0] * k[0].repeat_interleave(
+        heads // kv_heads, 0)).sum(-1) * 0.125, rtol=1e-5, atol=1e-5)  # fmt: skip
+    grads = ops.varlen_attention_backward(grad.float(), q32, k32, v32, out, lse, cu, 0.125)
+    for got, t in zip(grads, ref_in, strict=True):
+        assert got.shape == t.shape
+        torch.testing.assert_close(got.double(), t.grad, rtol=1e-5, atol=2e-5)
+
+
+def test_varlen_attention_refuses_bad_boundaries(ops):
+    if not ops.has_blas():
+        pytest.skip("this PyTorch exports no BLAS")
+    q, k = torch.randn(10, 2, 8), torch.randn(10, 1, 8)
+    for cu, match in (([0, 4, 9], "from 0 to the tokens"), ([0, 4, 4, 10], "increasing"),
+                      ([10], "at least 2")):  # fmt: skip
+        with pytest.raises(RuntimeError, match=match):
+            ops.varlen_attention_forward(q, k, k, torch.tensor(cu), 1.0)
+    k2 = torch.randn(10, 2, 8)
+    with pytest.raises(RuntimeError, match="kv_heads dividing"):
+        ops.varlen_attention_forward(torch.randn(10, 3, 8), k2, k2, torch.tensor([0, 10]), 1.0)
+
+
 def test_bad_inputs_are_refused_not_written(ops):
     x = torch.randn(10)
     with pytest.raises(RuntimeError, match="out of range"):

@@ -362,9 +362,11 @@ def layer_activations(
     MLP's activation runs as ``fused.swiglu``, which recomputes SiLU(gate) in backward instead
     of keeping it. ``fused_lora``: LoRA layers run as ``fused.py``'s, which on a CPU keep the
     shared input and the dropped positions but no dropped copy. ``packed_sdpa``: packed rows
-    through ``attention.varlen_sdpa``, where each sample's SDPA keeps its own output and the
-    output projection reads a joined copy: one more ``hidden`` per token wherever that
-    projection keeps its input (LoRA on o_proj, full fine-tuning).
+    through ``attention.varlen_sdpa`` calling SDPA per sample, where each sample's SDPA keeps its
+    own output and the output projection reads a joined copy: one more ``hidden`` per token
+    wherever that projection keeps its input (LoRA on o_proj, full fine-tuning). The C++
+    ``varlen_attention`` kernel (fused CPU kernels built) keeps what SDPA keeps, and its output is
+    the projection's input: ``packed_sdpa`` False.
     """
     d, I, kv, H = shape.hidden, shape.intermediate, shape.kv_dim, shape.heads  # noqa: E741
     norm = 2 * d + 2 + H  # norm inputs, 1/rms, log-sum-exp (fp32)
@@ -412,9 +414,15 @@ def activation_bytes(shape: ModelShape, work: Workload, s: MethodSettings) -> fl
 
     fused = work.fused_ops and shape.model_type in FAMILIES
     cpu = work.device == "cpu"
-    # packed rows on a CPU go through attention.varlen_sdpa (a GPU: flash-attn's kernel)
+    # packed rows on a CPU go through attention.varlen_sdpa (a GPU: flash-attn's kernel), by
+    # SDPA per sample unless the fused CPU kernels run them (float32)
+    from tuneforge import kernels
+
+    per_sample = work.packing and cpu
+    if per_sample and work.dtype_bytes == 4 and kernels.attention_expected():
+        per_sample = False
     fp32_elems, elems = layer_activations(
-        shape, s, fused and work.dtype_bytes == 4, fused, fused, cpu, work.packing and cpu
+        shape, s, fused and work.dtype_bytes == 4, fused, fused, cpu, per_sample
     )
     per_layer = fp32_elems * 4 + elems * work.dtype_bytes
     if work.gradient_checkpointing:

@@ -4,7 +4,9 @@ A LoRA step on a CPU spends about a quarter of its time in element-wise passes o
 The kernels do SwiGLU's forward and backward, RMSNorm's forward and input gradient and a
 dropped copy of a tensor each in one pass, and give LoRA's A products with a dropped input
 without the copy: ``x @ A.T`` and ``dh.T @ x`` minus the dropped elements' terms
-(``tuneforge.fused`` and ``tuneforge.methods.fast_dropout`` call them). They are optional: without a compiler, on other
+(``tuneforge.fused`` and ``tuneforge.methods.fast_dropout`` call them). ``varlen_attention``
+is packed samples' causal attention, forward and backward, in one call
+(``tuneforge.attention``). They are optional: without a compiler, on other
 devices or dtypes, or with ``TUNEFORGE_KERNELS=0``, the same functions run as PyTorch ops.
 
 The library is compiled on first use (about 15 s; ``make install`` does it ahead, or ``python -m
@@ -35,6 +37,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "
 
 _loaded: bool | None = None  # whether the library is in this process; None: not tried yet
 _enabled = True
+_blas: bool | None = None  # whether the loaded library found BLAS (sgemm) in PyTorch
 
 
 def compiler() -> str | None:
@@ -116,6 +119,23 @@ def available() -> bool:
     return _loaded
 
 
+def expected() -> bool:
+    """Whether training in this process would use the kernels (they are on, and loaded, built or
+    buildable here), without building them: for estimates made before a run."""
+    if not _enabled or os.environ.get(ENV, "1") == "0":
+        return False
+    if _loaded is not None:
+        return _loaded
+    return library_path().exists() or compiler() is not None
+
+
+def attention_expected() -> bool:
+    """``expected()`` for ``varlen_attention``, which also needs BLAS from PyTorch (MKL)."""
+    if _blas is not None:
+        return expected() and _blas
+    return expected() and torch.backends.mkl.is_available()
+
+
 def loaded() -> bool:
     """Whether the kernels ran (or could run) in this process so far; never builds."""
     return _enabled and bool(_loaded)
@@ -128,6 +148,21 @@ def usable(*tensors: torch.Tensor) -> bool:
     ):
         return False
     return not torch.is_autocast_enabled("cpu") and available()
+
+
+def attention_usable(*tensors: torch.Tensor) -> bool:
+    """Whether ``varlen_attention`` takes these (B, H, T, D) tensors: float32 on the CPU, head_dim
+    contiguous, no autocast, and a PyTorch whose CPU library exports BLAS (MKL builds do)."""
+    if not all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors
+    ):
+        return False
+    global _blas
+    if torch.is_autocast_enabled("cpu") or not available():
+        return False
+    if _blas is None:
+        _blas = bool(torch.ops.tuneforge.has_blas())
+    return _blas
 
 
 @contextlib.contextmanager

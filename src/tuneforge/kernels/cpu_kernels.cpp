@@ -29,6 +29,8 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -298,6 +300,214 @@ at::Tensor& lora_drop_grad_(at::Tensor& da, const at::Tensor& d_h, const at::Ten
   return da;
 }
 
+
+// -- variable-length causal attention ------------------------------------------------------------
+// Packed rows hold several samples; each attends causally to itself only. ATen's CPU flash kernel,
+// called once per sample, runs these short sequences (64-512 tokens, head_dim 64) at a fifth of the
+// matmul rate. Here one task is one (sample, KV head): the G query heads that share the KV head
+// are stacked into one [L*G, D] matrix (rows t-major), so each 64-token row block is one matmul of
+// 64*G rows against the keys up to the block's end (the causal triangle, not the square). The
+// block's scores stay in a [64*G, L] buffer: softmax in place, times V; backward recomputes them
+// from the saved log-sum-exp, as flash attention does. The products are BLAS sgemm calls
+// (PyTorch's own BLAS, one thread each inside the tasks), tasks longest first, dynamically shared
+// out between the threads.
+
+}  // namespace
+
+extern "C" {
+// Fortran BLAS, exported by PyTorch's CPU library when it is built with MKL (weak: a PyTorch
+// without it loads the rest of this library, and has_blas() says false)
+__attribute__((weak)) void sgemm_(const char* transa, const char* transb, const int* m,
+                                  const int* n, const int* k, const float* alpha, const float* a,
+                                  const int* lda, const float* b, const int* ldb,
+                                  const float* beta, float* c, const int* ldc);
+}
+
+namespace {
+
+bool has_blas() { return sgemm_ != nullptr; }
+
+// C [m, n] = alpha * op(A) [m, k] @ op(B) [k, n] + beta * C, all row-major with leading dimensions
+// (the column-major call computes C^T = op(B)^T op(A)^T)
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
+  const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+  sgemm_(&opb, &opa, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+}
+
+constexpr int64_t kBlock = 64;  // query tokens per row block
+
+struct AttnShape {
+  int64_t T, H, Hkv, G, D;
+  std::vector<int64_t> start, len;  // the samples
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (sample, KV head), longest first
+};
+
+AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& cu_seqlens) {
+  TORCH_CHECK(has_blas(), "this PyTorch has no BLAS sgemm");
+  for (auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3 &&
+                    t->stride(2) == 1,
+                "q, k and v must be float32 CPU tensors [tokens, heads, head_dim] with a unit "
+                "last stride");
+  }
+  AttnShape s{q.size(0), q.size(1), k.size(1), 0, q.size(2), {}, {}, {}};
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == s.T && k.size(2) == s.D &&
+                  s.Hkv > 0 && s.H % s.Hkv == 0,
+              "k and v must be [tokens, kv_heads, head_dim], kv_heads dividing q's heads");
+  s.G = s.H / s.Hkv;
+  auto cu = cu_seqlens.to(at::kLong).contiguous();
+  TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, "cu_seqlens must be 1-D with at least 2 entries");
+  const int64_t* c = cu.const_data_ptr<int64_t>();
+  TORCH_CHECK(c[0] == 0 && c[cu.numel() - 1] == s.T, "cu_seqlens must run from 0 to the tokens");
+  for (int64_t i = 0; i + 1 < cu.numel(); ++i) {
+    TORCH_CHECK(c[i + 1] > c[i], "cu_seqlens must be increasing");
+    s.start.push_back(c[i]);
+    s.len.push_back(c[i + 1] - c[i]);
+  }
+  for (int64_t i = 0; i < static_cast<int64_t>(s.len.size()); ++i)
+    for (int64_t g = 0; g < s.Hkv; ++g) s.tasks.emplace_back(i, g);
+  std::stable_sort(s.tasks.begin(), s.tasks.end(),
+                   [&](auto a, auto b) { return s.len[a.first] > s.len[b.first]; });
+  return s;
+}
+
+// rows (t, h) of the G heads of KV head g, t-major, into a packed [L*G, D] buffer, and back
+inline void pack_heads(float* dst, const float* src, int64_t st, int64_t sh, int64_t L, int64_t G,
+                       int64_t D) {
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t h = 0; h < G; ++h) std::copy(src + t * st + h * sh, src + t * st + h * sh + D,
+                                              dst + (t * G + h) * D);
+}
+inline void unpack_heads(float* dst, const float* src, int64_t st, int64_t sh, int64_t L,
+                         int64_t G, int64_t D) {
+  for (int64_t t = 0; t < L; ++t)
+    for (int64_t h = 0; h < G; ++h) std::copy(src + (t * G + h) * D, src + (t * G + h + 1) * D,
+                                              dst + t * st + h * sh);
+}
+
+template <typename F>
+void run_tasks(const AttnShape& s, const F& f) {
+  const int64_t n = s.tasks.size();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads())))
+  for (int64_t i = 0; i < n; ++i) f(s.tasks[i].first, s.tasks[i].second);
+}
+
+// out [T, H, D] (contiguous) and the log-sum-exp of each query row's scores, lse [T, H]
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward(const at::Tensor& q,
+                                                            const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const at::Tensor& cu_seqlens,
+                                                            double scale) {
+  const AttnShape s = attn_shape(q, k, v, cu_seqlens);
+  const int64_t H = s.H, G = s.G, D = s.D;
+  auto out = at::empty({s.T, H, D}, q.options());
+  auto lse = at::empty({s.T, H}, q.options());
+  const float* qp = q.const_data_ptr<float>();
+  const float* kp = k.const_data_ptr<float>();
+  const float* vp = v.const_data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  run_tasks(s, [&](int64_t i, int64_t g) {
+    const int64_t o = s.start[i], L = s.len[i];
+    std::vector<float> qbuf(L * G * D), obuf(kBlock * G * D), sbuf(kBlock * G * L), inv(kBlock * G);
+    pack_heads(qbuf.data(), qp + o * q.stride(0) + g * G * q.stride(1), q.stride(0), q.stride(1),
+               L, G, D);
+    const float* kb = kp + o * k.stride(0) + g * k.stride(1);
+    const float* vb = vp + o * v.stride(0) + g * v.stride(1);
+    for (int64_t t0 = 0; t0 < L; t0 += kBlock) {
+      const int64_t t1 = std::min(L, t0 + kBlock), R = (t1 - t0) * G, N = t1;
+      float* S = sbuf.data();
+      gemm(false, true, R, N, D, sc, qbuf.data() + t0 * G * D, D, kb, k.stride(0), 0.0f, S, N);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = t0 + r / G, valid = t + 1;
+        float* row = S + r * N;
+        const float m = at::vec::reduce_all<float>(
+            [](Vec a, Vec b) { return at::vec::maximum(a, b); }, row, valid);
+        at::vec::map<float>([m](Vec x) { return (x - Vec(m)).exp(); }, row, row, valid);
+        const float sum = at::vec::reduce_all<float>([](Vec a, Vec b) { return a + b; }, row, valid);
+        std::fill(row + valid, row + N, 0.0f);
+        inv[r] = 1.0f / sum;
+        lp[(o + t) * H + g * G + r % G] = m + std::log(sum);
+      }
+      gemm(false, false, R, D, N, 1.0f, S, N, vb, v.stride(0), 0.0f, obuf.data(), D);
+      for (int64_t r = 0; r < R; ++r) {
+        const float f = inv[r];
+        at::vec::map<float>([f](Vec x) { return x * Vec(f); }, obuf.data() + r * D,
+                            obuf.data() + r * D, D);
+      }
+      unpack_heads(op + (o + t0) * H * D + g * G * D, obuf.data(), H * D, D, t1 - t0, G, D);
+    }
+  });
+  return {out, lse};
+}
+
+// dq [T, H, D], dk and dv [T, Hkv, D] (contiguous); grad and out as from the forward
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
+    const at::Tensor& grad, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens, double scale) {
+  const AttnShape s = attn_shape(q, k, v, cu_seqlens);
+  const int64_t H = s.H, G = s.G, D = s.D;
+  check(out, "out");
+  check(lse, "lse");
+  TORCH_CHECK(out.sizes() == q.sizes() && lse.numel() == s.T * H, "out or lse does not match q");
+  auto dy = grad.contiguous();
+  TORCH_CHECK(dy.sizes() == q.sizes() && dy.scalar_type() == at::kFloat, "grad does not match q");
+  auto dq = at::empty({s.T, H, D}, q.options());
+  auto dk = at::empty({s.T, s.Hkv, D}, q.options());
+  auto dv = at::empty({s.T, s.Hkv, D}, q.options());
+  const float *qp = q.const_data_ptr<float>(), *kp = k.const_data_ptr<float>(),
+              *vp = v.const_data_ptr<float>(), *yp = out.const_data_ptr<float>(),
+              *dyp = dy.const_data_ptr<float>(), *lp = lse.const_data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  run_tasks(s, [&](int64_t i, int64_t g) {
+    const int64_t o = s.start[i], L = s.len[i];
+    std::vector<float> qbuf(L * G * D), dybuf(L * G * D), dqbuf(L * G * D), delta(L * G),
+        dkbuf(L * D, 0.0f), dvbuf(L * D, 0.0f), pbuf(kBlock * G * L), dpbuf(kBlock * G * L);
+    pack_heads(qbuf.data(), qp + o * q.stride(0) + g * G * q.stride(1), q.stride(0), q.stride(1),
+               L, G, D);
+    pack_heads(dybuf.data(), dyp + o * H * D + g * G * D, H * D, D, L, G, D);
+    for (int64_t t = 0; t < L; ++t)  // delta = rowsum(dO * O)
+      for (int64_t h = 0; h < G; ++h)
+        delta[t * G + h] = row_dot(dybuf.data() + (t * G + h) * D, yp + (o + t) * H * D + (g * G + h) * D, D);
+    const float* kb = kp + o * k.stride(0) + g * k.stride(1);
+    const float* vb = vp + o * v.stride(0) + g * v.stride(1);
+    for (int64_t t0 = 0; t0 < L; t0 += kBlock) {
+      const int64_t t1 = std::min(L, t0 + kBlock), R = (t1 - t0) * G, N = t1;
+      const float* qblk = qbuf.data() + t0 * G * D;
+      const float* dyblk = dybuf.data() + t0 * G * D;
+      float *P = pbuf.data(), *dP = dpbuf.data();
+      gemm(false, true, R, N, D, sc, qblk, D, kb, k.stride(0), 0.0f, P, N);
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = t0 + r / G, valid = t + 1;
+        const float m = lp[(o + t) * H + g * G + r % G];
+        float* row = P + r * N;
+        at::vec::map<float>([m](Vec x) { return (x - Vec(m)).exp(); }, row, row, valid);
+        std::fill(row + valid, row + N, 0.0f);
+      }
+      gemm(true, false, N, D, R, 1.0f, P, N, dyblk, D, 1.0f, dvbuf.data(), D);  // dV += P^T dO
+      gemm(false, true, R, N, D, 1.0f, dyblk, D, vb, v.stride(0), 0.0f, dP, N);  // dP = dO V^T
+      for (int64_t r = 0; r < R; ++r) {  // dS = P * (dP - delta), zero where P is
+        const float d = delta[t0 * G + r];
+        at::vec::map2<float>([d](Vec p, Vec x) { return p * (x - Vec(d)); }, dP + r * N,
+                             P + r * N, dP + r * N, N);
+      }
+      gemm(false, false, R, D, N, sc, dP, N, kb, k.stride(0), 0.0f, dqbuf.data() + t0 * G * D, D);
+      gemm(true, false, N, D, R, sc, dP, N, qblk, D, 1.0f, dkbuf.data(), D);  // dK += dS^T Q
+    }
+    unpack_heads(dqp + o * H * D + g * G * D, dqbuf.data(), H * D, D, L, G, D);
+    for (int64_t t = 0; t < L; ++t) {
+      std::copy(dkbuf.data() + t * D, dkbuf.data() + (t + 1) * D, dkp + ((o + t) * s.Hkv + g) * D);
+      std::copy(dvbuf.data() + t * D, dvbuf.data() + (t + 1) * D, dvp + ((o + t) * s.Hkv + g) * D);
+    }
+  });
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tuneforge, m) {
@@ -309,6 +519,9 @@ TORCH_LIBRARY(tuneforge, m) {
   m.def("zero_at_(Tensor(a!) x, Tensor indices) -> Tensor(a!)");
   m.def("lora_drop_product_(Tensor(a!) h, Tensor x, Tensor a, Tensor indices) -> Tensor(a!)");
   m.def("lora_drop_grad_(Tensor(a!) da, Tensor d_h, Tensor x, Tensor indices) -> Tensor(a!)");
+  m.def("has_blas() -> bool", has_blas);
+  m.def("varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, float scale) -> (Tensor, Tensor)");
+  m.def("varlen_attention_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
@@ -320,4 +533,6 @@ TORCH_LIBRARY_IMPL(tuneforge, CPU, m) {
   m.impl("zero_at_", zero_at_);
   m.impl("lora_drop_product_", lora_drop_product_);
   m.impl("lora_drop_grad_", lora_drop_grad_);
+  m.impl("varlen_attention_forward", varlen_attention_forward);
+  m.impl("varlen_attention_backward", varlen_attention_backward);
 }
