@@ -139,6 +139,29 @@ def test_varlen_attention_matches_sdpa_per_sample_in_float64(ops, heads, kv_head
         torch.testing.assert_close(got.double(), t.grad, rtol=1e-5, atol=2e-5)
 
 
+def test_varlen_attention_is_the_same_on_any_number_of_threads(ops):
+    """Each task writes only its own sample and heads (no sums across threads), so the dynamic
+    schedule cannot change a bit: exact resume needs the same numbers on 1 and 2 threads."""
+    if not ops.has_blas():
+        pytest.skip("this PyTorch exports no BLAS")
+    torch.manual_seed(6)
+    lens = [150, 7, 300, 90]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    q, grad = torch.randn(547, 6, 32), torch.randn(547, 6, 32)
+    k, v = torch.randn(547, 2, 32), torch.randn(547, 2, 32)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out, lse = ops.varlen_attention_forward(q, k, v, cu, 0.2)
+            results.append((out, lse, *ops.varlen_attention_backward(grad, q, k, v, out, lse, cu, 0.2)))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_varlen_attention_refuses_bad_boundaries(ops):
     if not ops.has_blas():
         pytest.skip("this PyTorch exports no BLAS")

@@ -321,6 +321,10 @@ __attribute__((weak)) void sgemm_(const char* transa, const char* transb, const 
                                   const int* n, const int* k, const float* alpha, const float* a,
                                   const int* lda, const float* b, const int* ldb,
                                   const float* beta, float* c, const int* ldc);
+// MKL's per-thread thread count: every task's sgemm runs on one thread, the same code path
+// whatever the number of threads (so the numbers do not depend on it)
+// (the Fortran entry, by reference: PyTorch's static MKL exports its C names at the same address)
+__attribute__((weak)) int mkl_set_num_threads_local_(const int* n);
 }
 
 namespace {
@@ -392,7 +396,12 @@ template <typename F>
 void run_tasks(const AttnShape& s, const F& f) {
   const int64_t n = s.tasks.size();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads())))
-  for (int64_t i = 0; i < n; ++i) f(s.tasks[i].first, s.tasks[i].second);
+  for (int64_t i = 0; i < n; ++i) {
+    const int one = 1;
+    const int before = mkl_set_num_threads_local_ ? mkl_set_num_threads_local_(&one) : 0;
+    f(s.tasks[i].first, s.tasks[i].second);
+    if (mkl_set_num_threads_local_) mkl_set_num_threads_local_(&before);
+  }
 }
 
 // out [T, H, D] (contiguous) and the log-sum-exp of each query row's scores, lse [T, H]
