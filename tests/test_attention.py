@@ -114,6 +114,10 @@ def test_the_kernel_runs_only_where_it_applies(attn_path, monkeypatch):
     attention.varlen_sdpa(module, q, k, v, None, dropout=0.1, cu_seq_lens_q=cu)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         attention.varlen_sdpa(module, q, k, v, None, cu_seq_lens_q=cu)
+    # value heads of another size than the query's (some models): SDPA per sample handles them
+    v8 = torch.randn(1, T, 2, 8).transpose(1, 2)
+    out8, _ = attention.varlen_sdpa(module, q, k, v8, None, cu_seq_lens_q=cu)
+    assert out8.shape == (1, T, 4, 8)
     assert len(calls) == before
 
 

@@ -106,9 +106,9 @@ def test_layer_activations_equal_what_autograd_saves(
 
     if packed == "kernel" and not kernels.attention_expected():
         pytest.skip("the fused CPU kernels are not built here")
+
     def context():
         return kernels.disabled() if packed == "sdpa" else contextlib.nullcontext()
-
 
     T = 32
     kw = {} if targets is None else {"target_modules": targets}

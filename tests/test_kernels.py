@@ -108,32 +108,53 @@ def _sdpa_per_sample(q, k, v, lens, scale):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
-def test_varlen_attention_matches_sdpa_per_sample_in_float64(ops, heads, kv_heads):
-    """Values and all three gradients against float64 SDPA per sample: query heads sharing a
-    KV head (stacked in the kernel) and not, a one-token sample, samples of one and of several
-    64-token blocks, and q, k, v as the model gives them (views of [tokens, heads * D]
-    projections, so the head stride is not D * tokens)."""
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """[tokens, heads, D] in the layouts the kernel meets: a view of a [tokens, heads * D]
+    projection, head-major memory, and a slice of wider rows (head stride above D)."""
+    T, H, D = t.shape
+    if layout == "projection":
+        return t.reshape(T, H * D).view(T, H, D)
+    if layout == "head-major":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    wide = torch.zeros(T, H, D + 7, dtype=t.dtype)
+    wide[..., 3 : 3 + D] = t
+    return wide[..., 3 : 3 + D]
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,D,layout",
+    [(9, 3, 64, "projection"), (4, 4, 40, "head-major"), (6, 2, 16, "padded")],
+)
+def test_varlen_attention_matches_sdpa_per_sample_in_float64(ops, heads, kv_heads, D, layout):
+    """Values, log-sum-exp and all three gradients against float64 SDPA per sample: query heads
+    sharing a KV head (stacked in the kernel) and not, a one-token sample, samples of one and of
+    several 64-token blocks, a head_dim that is not a multiple of the vector width, and q, k, v
+    in three memory layouts."""
     if not ops.has_blas():
         pytest.skip("this PyTorch exports no BLAS")
     torch.manual_seed(4)
-    D, lens = 64, [37, 1, 200, 64, 129, 65]
-    T = sum(lens)
+    lens = [37, 1, 200, 64, 129, 65]
+    T, scale = sum(lens), D**-0.5
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(T, heads * D, dtype=torch.float64).view(T, heads, D)
-    k, v = (torch.randn(T, kv_heads * D, dtype=torch.float64).view(T, kv_heads, D) for _ in "kv")
+    q = torch.randn(T, heads, D, dtype=torch.float64)
+    k, v = (torch.randn(T, kv_heads, D, dtype=torch.float64) for _ in "kv")
     grad = torch.randn(T, heads, D, dtype=torch.float64)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = _sdpa_per_sample(*ref_in, lens, 0.125)
+    ref = _sdpa_per_sample(*ref_in, lens, scale)
     ref.backward(grad)
-    q32, k32, v32 = q.float(), k.float(), v.float()
-    out, lse = ops.varlen_attention_forward(q32, k32, v32, cu, 0.125)
+    q32, k32, v32 = (_layout(t.float(), layout) for t in (q, k, v))
+    assert layout == "projection" or not q32.is_contiguous()
+    out, lse = ops.varlen_attention_forward(q32, k32, v32, cu, scale)
     assert out.shape == (T, heads, D) and lse.shape == (T, heads)
     torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
-    # log-sum-exp of the first sample's first row: its only score, q . k * scale
-    torch.testing.assert_close(lse[0].double(), (q[0] * k[0].repeat_interleave(
-        heads // kv_heads, 0)).sum(-1) * 0.125, rtol=1e-5, atol=1e-5)  # fmt: skip
-    grads = ops.varlen_attention_backward(grad.float(), q32, k32, v32, out, lse, cu, 0.125)
+    ref_lse = []  # log-sum-exp over each query's causal keys, per sample
+    kk = k.repeat_interleave(heads // kv_heads, 1)
+    for qs, ks in zip(q.split(lens), kk.split(lens), strict=True):
+        scores = torch.einsum("thd,shd->hts", qs, ks) * scale
+        causal = torch.ones(len(qs), len(qs), dtype=torch.bool).tril()
+        ref_lse.append(scores.masked_fill(~causal, float("-inf")).logsumexp(-1).t())
+    torch.testing.assert_close(lse.double(), torch.cat(ref_lse), rtol=1e-5, atol=1e-5)
+    grads = ops.varlen_attention_backward(grad.float(), q32, k32, v32, out, lse, cu, scale)
     for got, t in zip(grads, ref_in, strict=True):
         assert got.shape == t.shape
         torch.testing.assert_close(got.double(), t.grad, rtol=1e-5, atol=2e-5)
@@ -155,7 +176,9 @@ def test_varlen_attention_is_the_same_on_any_number_of_threads(ops):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             out, lse = ops.varlen_attention_forward(q, k, v, cu, 0.2)
-            results.append((out, lse, *ops.varlen_attention_backward(grad, q, k, v, out, lse, cu, 0.2)))
+            results.append(
+                (out, lse, *ops.varlen_attention_backward(grad, q, k, v, out, lse, cu, 0.2))
+            )
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*results, strict=True):
@@ -173,6 +196,20 @@ def test_varlen_attention_refuses_bad_boundaries(ops):
     k2 = torch.randn(10, 2, 8)
     with pytest.raises(RuntimeError, match="kv_heads dividing"):
         ops.varlen_attention_forward(torch.randn(10, 3, 8), k2, k2, torch.tensor([0, 10]), 1.0)
+    # rows closer than head_dim (expanded): BLAS would refuse them and return nothing
+    with pytest.raises(RuntimeError, match="token stride of at least head_dim"):
+        ops.varlen_attention_forward(q, k[:1].expand(10, 1, 8), k, torch.tensor([0, 10]), 1.0)
+
+
+def test_varlen_attention_one_token_with_any_stride(ops):
+    """A one-token tensor's token stride is arbitrary (here 8 < head_dim): one key, so the
+    output is its value, softmax of one score."""
+    if not ops.has_blas():
+        pytest.skip("this PyTorch exports no BLAS")
+    q = torch.randn(1, 2, 16)
+    k, v = (torch.randn(1, 1, 16).as_strided((1, 1, 16), (8, 16, 1)) for _ in "kv")
+    out, _ = ops.varlen_attention_forward(q, k, v, torch.tensor([0, 1]), 0.25)
+    torch.testing.assert_close(out, v.expand(1, 2, 16))
 
 
 def test_bad_inputs_are_refused_not_written(ops):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from tuneforge import kernels
 
@@ -50,8 +51,10 @@ def varlen_sdpa(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     B, H, T, D = query.shape
-    if dropout == 0.0 and kernels.attention_usable(query, key, value):
-        # (B, H, T, D) views of (B, T, H, D) projections: [B*T, heads, D] without a copy
+    same_dim = key.shape[-1] == value.shape[-1] == D  # (not models whose V heads differ)
+    if dropout == 0.0 and same_dim and kernels.attention_usable(query, key, value):
+        # (B, H, T, D) views of (B, T, H, D) projections: [B*T, heads, D], a view (a copy for
+        # other layouts when B > 1)
         q, k, v = (t.transpose(1, 2).reshape(B * T, t.shape[1], D) for t in (query, key, value))
         out = _VarlenAttention.apply(q, k, v, cu, D**-0.5 if scaling is None else scaling)
         return out.view(B, T, H, D), None
@@ -91,6 +94,7 @@ class _VarlenAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         q, k, v, out, lse, cu = ctx.saved_tensors
         dq, dk, dv = torch.ops.tuneforge.varlen_attention_backward(

@@ -152,9 +152,14 @@ def usable(*tensors: torch.Tensor) -> bool:
 
 def attention_usable(*tensors: torch.Tensor) -> bool:
     """Whether ``varlen_attention`` takes these (B, H, T, D) tensors: float32 on the CPU, head_dim
-    contiguous, no autocast, and a PyTorch whose CPU library exports BLAS (MKL builds do)."""
+    contiguous, rows at least head_dim apart, no autocast, and a PyTorch whose CPU library exports
+    BLAS (MKL builds do)."""
     if not all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors
+        t.device.type == "cpu"
+        and t.dtype == torch.float32
+        and t.stride(-1) == 1
+        and (t.shape[-2] == 1 or t.stride(-2) >= t.shape[-1])  # tokens at least D apart
+        for t in tensors
     ):
         return False
     global _blas

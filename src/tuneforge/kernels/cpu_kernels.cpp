@@ -28,6 +28,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <new>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -344,6 +346,7 @@ constexpr int64_t kBlock = 64;  // query tokens per row block
 
 struct AttnShape {
   int64_t T, H, Hkv, G, D;
+  int64_t ldk, ldv;  // k's and v's token strides: the leading dimensions of their sgemm operands
   std::vector<int64_t> start, len;  // the samples
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (sample, KV head), longest first
 };
@@ -357,10 +360,15 @@ AttnShape attn_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 "q, k and v must be float32 CPU tensors [tokens, heads, head_dim] with a unit "
                 "last stride");
   }
-  AttnShape s{q.size(0), q.size(1), k.size(1), 0, q.size(2), {}, {}, {}};
+  AttnShape s{q.size(0), q.size(1), k.size(1), 0, q.size(2), 0, 0, {}, {}, {}};
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == s.T && k.size(2) == s.D &&
                   s.Hkv > 0 && s.H % s.Hkv == 0,
               "k and v must be [tokens, kv_heads, head_dim], kv_heads dividing q's heads");
+  // a single token's stride is arbitrary; otherwise BLAS needs rows at least head_dim apart
+  s.ldk = s.T == 1 ? std::max(k.stride(0), s.D) : k.stride(0);
+  s.ldv = s.T == 1 ? std::max(v.stride(0), s.D) : v.stride(0);
+  TORCH_CHECK(s.ldk >= s.D && s.ldv >= s.D,
+              "k and v need a token stride of at least head_dim (make them contiguous)");
   s.G = s.H / s.Hkv;
   auto cu = cu_seqlens.to(at::kLong).contiguous();
   TORCH_CHECK(cu.dim() == 1 && cu.numel() >= 2, "cu_seqlens must be 1-D with at least 2 entries");
@@ -392,6 +400,26 @@ inline void unpack_heads(float* dst, const float* src, int64_t st, int64_t sh, i
                                               dst + t * st + h * sh);
 }
 
+// A task's scratch floats, 64-byte aligned (MKL's kernels may take other paths, and round
+// differently, on differently aligned operands: the same numbers on every run need the same
+// alignment)
+class Buffer {
+ public:
+  explicit Buffer(int64_t n, bool zero = false)
+      : p_(static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64))) {
+    if (p_ == nullptr) throw std::bad_alloc();
+    if (zero) std::fill(p_, p_ + n, 0.0f);
+  }
+  ~Buffer() { std::free(p_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  float* data() { return p_; }
+  float& operator[](int64_t i) { return p_[i]; }
+
+ private:
+  float* p_;
+};
+
 template <typename F>
 void run_tasks(const AttnShape& s, const F& f) {
   const int64_t n = s.tasks.size();
@@ -422,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_forward(const at::Tensor& q,
   const float sc = static_cast<float>(scale);
   run_tasks(s, [&](int64_t i, int64_t g) {
     const int64_t o = s.start[i], L = s.len[i];
-    std::vector<float> qbuf(L * G * D), obuf(kBlock * G * D), sbuf(kBlock * G * L), inv(kBlock * G);
+    Buffer qbuf(L * G * D), obuf(kBlock * G * D), sbuf(kBlock * G * L), inv(kBlock * G);
     pack_heads(qbuf.data(), qp + o * q.stride(0) + g * G * q.stride(1), q.stride(0), q.stride(1),
                L, G, D);
     const float* kb = kp + o * k.stride(0) + g * k.stride(1);
@@ -430,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_forward(const at::Tensor& q,
     for (int64_t t0 = 0; t0 < L; t0 += kBlock) {
       const int64_t t1 = std::min(L, t0 + kBlock), R = (t1 - t0) * G, N = t1;
       float* S = sbuf.data();
-      gemm(false, true, R, N, D, sc, qbuf.data() + t0 * G * D, D, kb, k.stride(0), 0.0f, S, N);
+      gemm(false, true, R, N, D, sc, qbuf.data() + t0 * G * D, D, kb, s.ldk, 0.0f, S, N);
       for (int64_t r = 0; r < R; ++r) {
         const int64_t t = t0 + r / G, valid = t + 1;
         float* row = S + r * N;
@@ -442,7 +470,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_forward(const at::Tensor& q,
         inv[r] = 1.0f / sum;
         lp[(o + t) * H + g * G + r % G] = m + std::log(sum);
       }
-      gemm(false, false, R, D, N, 1.0f, S, N, vb, v.stride(0), 0.0f, obuf.data(), D);
+      gemm(false, false, R, D, N, 1.0f, S, N, vb, s.ldv, 0.0f, obuf.data(), D);
       for (int64_t r = 0; r < R; ++r) {
         const float f = inv[r];
         at::vec::map<float>([f](Vec x) { return x * Vec(f); }, obuf.data() + r * D,
@@ -475,8 +503,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
   const float sc = static_cast<float>(scale);
   run_tasks(s, [&](int64_t i, int64_t g) {
     const int64_t o = s.start[i], L = s.len[i];
-    std::vector<float> qbuf(L * G * D), dybuf(L * G * D), dqbuf(L * G * D), delta(L * G),
-        dkbuf(L * D, 0.0f), dvbuf(L * D, 0.0f), pbuf(kBlock * G * L), dpbuf(kBlock * G * L);
+    Buffer qbuf(L * G * D), dybuf(L * G * D), dqbuf(L * G * D), delta(L * G),
+        dkbuf(L * D, true), dvbuf(L * D, true), pbuf(kBlock * G * L), dpbuf(kBlock * G * L);
     pack_heads(qbuf.data(), qp + o * q.stride(0) + g * G * q.stride(1), q.stride(0), q.stride(1),
                L, G, D);
     pack_heads(dybuf.data(), dyp + o * H * D + g * G * D, H * D, D, L, G, D);
@@ -490,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
       const float* qblk = qbuf.data() + t0 * G * D;
       const float* dyblk = dybuf.data() + t0 * G * D;
       float *P = pbuf.data(), *dP = dpbuf.data();
-      gemm(false, true, R, N, D, sc, qblk, D, kb, k.stride(0), 0.0f, P, N);
+      gemm(false, true, R, N, D, sc, qblk, D, kb, s.ldk, 0.0f, P, N);
       for (int64_t r = 0; r < R; ++r) {
         const int64_t t = t0 + r / G, valid = t + 1;
         const float m = lp[(o + t) * H + g * G + r % G];
@@ -499,13 +527,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
         std::fill(row + valid, row + N, 0.0f);
       }
       gemm(true, false, N, D, R, 1.0f, P, N, dyblk, D, 1.0f, dvbuf.data(), D);  // dV += P^T dO
-      gemm(false, true, R, N, D, 1.0f, dyblk, D, vb, v.stride(0), 0.0f, dP, N);  // dP = dO V^T
+      gemm(false, true, R, N, D, 1.0f, dyblk, D, vb, s.ldv, 0.0f, dP, N);  // dP = dO V^T
       for (int64_t r = 0; r < R; ++r) {  // dS = P * (dP - delta), zero where P is
         const float d = delta[t0 * G + r];
         at::vec::map2<float>([d](Vec p, Vec x) { return p * (x - Vec(d)); }, dP + r * N,
                              P + r * N, dP + r * N, N);
       }
-      gemm(false, false, R, D, N, sc, dP, N, kb, k.stride(0), 0.0f, dqbuf.data() + t0 * G * D, D);
+      gemm(false, false, R, D, N, sc, dP, N, kb, s.ldk, 0.0f, dqbuf.data() + t0 * G * D, D);
       gemm(true, false, N, D, R, sc, dP, N, qblk, D, 1.0f, dkbuf.data(), D);  // dK += dS^T Q
     }
     unpack_heads(dqp + o * H * D + g * G * D, dqbuf.data(), H * D, D, L, G, D);
