@@ -9,7 +9,7 @@ is packed samples' causal attention, forward and backward, in one call
 (``tuneforge.attention``). They are optional: without a compiler, on other
 devices or dtypes, or with ``TUNEFORGE_KERNELS=0``, the same functions run as PyTorch ops.
 
-The library is compiled on first use (about 15 s; ``make install`` does it ahead, or ``python -m
+The library is compiled on first use (about 20 s; ``make install`` does it ahead, or ``python -m
 tuneforge.kernels``) with ``-march=native`` for this machine, into
 ``$TUNEFORGE_CACHE/kernels/`` under a name that hashes the source, the compiler flags, the
 PyTorch and Python versions and the CPU, so a change of any of them builds a new one.
@@ -110,7 +110,7 @@ def available() -> bool:
         _loaded = False
         try:
             if not library_path().exists():
-                print("tuneforge: building the fused CPU kernels (once, ~15 s)", file=sys.stderr)
+                print("tuneforge: building the fused CPU kernels (once, ~20 s)", file=sys.stderr)
             torch.ops.load_library(str(build()))
             _loaded = True
         except (RuntimeError, OSError) as e:
