@@ -1,11 +1,13 @@
 """Per-sample causal SDPA for packed rows (tuneforge.attention) gives the block-mask numbers."""
 
+import contextlib
+
 import pytest
 import torch
 
 from tuneforge import attention, kernels
 from tuneforge.attention import VARLEN_SDPA, cu_seq_lens, register
-from tuneforge.data.batching import collate_packed
+from tuneforge.data.batching import collate_packed, collate_padded
 from tuneforge.models import load_model
 from tuneforge.train.sft import SFTObjective
 
@@ -121,19 +123,71 @@ def test_the_kernel_runs_only_where_it_applies(attn_path, monkeypatch):
     assert len(calls) == before
 
 
-def test_trainer_picks_the_per_sample_path_only_for_packed_sdpa(tmp_path):
+def test_trainer_picks_the_per_sample_path_for_packed_rows_and_sft_batches(tmp_path):
+    """Packed rows and SFT micro-batches (the default collate) under SDPA take per-sample
+    attention, one row without padding or mask; a custom collate (preference pairs) and eager
+    attention keep padded batches."""
     from tuneforge.config import TrainingConfig
     from tuneforge.train.loop import Trainer
 
     model, tok, _ = load_model("tiny-llama")
     samples = make_samples(8)
-    t = TrainingConfig(max_steps=1, progress=False)
+    t = TrainingConfig(max_steps=1, batch_size=3, progress=False)
     args = (SFTObjective(), samples, [], t, tmp_path, tok.pad_token_id, torch.device("cpu"))
     packed = Trainer(model, *args, packing=True, max_length=128)
     assert packed.varlen_sdpa
     assert "cu_seq_lens_q" in packed.make_batch(packed.window(0)[0])
     assert "attention_mask" not in packed.make_batch(packed.window(0)[0])
-    assert not Trainer(model, *args).varlen_sdpa
+    unpacked = Trainer(model, *args)
+    assert unpacked.varlen_sdpa and unpacked.unpadded
+    spec = unpacked.window(0)[0]
+    batch = unpacked.make_batch(spec)
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (
+        1, sum(len(samples[i]) for i in spec))  # fmt: skip
+    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
+    custom = Trainer(model, *args, collate=lambda s: collate_padded(s, tok.pad_token_id))
+    assert not custom.varlen_sdpa and "attention_mask" in custom.make_batch(spec)
+    model.config._attn_implementation = "eager"
+    try:
+        assert not Trainer(model, *args).varlen_sdpa
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+def test_unpadded_sft_batches_give_the_padded_loss_and_gradients(tmp_path, attn_path):
+    """The same micro-batch, padded with a mask (the plain path) and joined into one row through
+    per-sample attention (what the trainer does without packing): same loss and gradients."""
+    from tuneforge.config import MethodConfig, TrainingConfig
+    from tuneforge.methods import apply_method
+    from tuneforge.train.loop import Trainer
+
+    torch.manual_seed(3)
+    model, tok, _ = load_model("tiny-llama")
+    model = apply_method(model, MethodConfig(name="lora", r=4, lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # LoRA's gradients reach A too
+    model.train()
+    samples = make_samples(6, seed=4)
+    t = TrainingConfig(max_steps=1, batch_size=6, progress=False)
+    args = (SFTObjective(), samples, [], t, tmp_path, tok.pad_token_id, torch.device("cpu"))
+    trainer = Trainer(model, *args)
+    spec = trainer.window(0)[0]
+    padded = collate_padded([samples[i] for i in spec], tok.pad_token_id)
+    assert padded["attention_mask"].sum() < padded["attention_mask"].numel()  # some padding
+    results = []
+    for batch, context in ((padded, contextlib.nullcontext()), (None, trainer.running())):
+        model.zero_grad()
+        with context:
+            loss = SFTObjective().loss_sum(model, batch or trainer.make_batch(spec))
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-4)
+    assert all(g.abs().sum() > 0 for g in g1.values())
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-5)
 
 
 def test_varlen_micro_batches_are_one_row_without_padding(tmp_path):

@@ -414,11 +414,11 @@ def activation_bytes(shape: ModelShape, work: Workload, s: MethodSettings) -> fl
 
     fused = work.fused_ops and shape.model_type in FAMILIES
     cpu = work.device == "cpu"
-    # packed rows on a CPU go through attention.varlen_sdpa (a GPU: flash-attn's kernel), by
-    # SDPA per sample unless the fused CPU kernels run them (float32)
+    # on a CPU, packed rows and SFT micro-batches go through attention.varlen_sdpa (a GPU with
+    # packing: flash-attn's kernel), by SDPA per sample unless the fused CPU kernels run them
     from tuneforge import kernels
 
-    per_sample = work.packing and cpu
+    per_sample = cpu
     if per_sample and work.dtype_bytes == 4 and kernels.attention_expected():
         per_sample = False
     fp32_elems, elems = layer_activations(

@@ -148,7 +148,12 @@ class Trainer:
         self.flash_varlen = attn.startswith("flash")
         # Packed rows without flash-attn: per-sample causal SDPA (tuneforge.attention) instead of
         # a block-diagonal mask over the whole row; eager attention adds a float mask.
-        self.varlen_sdpa = packing and attn == "sdpa" and not is_prompt_learning(model)
+        per_sample = attn == "sdpa" and not is_prompt_learning(model)
+        # Without packing, SFT micro-batches (the default collate) take the same path: the same
+        # samples per micro-batch, joined into one row, so no padding is computed and no mask
+        # built (the numbers are the padded batch's; tests compare them).
+        self.unpadded = not packing and self.collate_is_default and per_sample
+        self.varlen_sdpa = (packing or self.unpadded) and per_sample
         self.additive_mask = packing and attn == "eager"
         if self.additive_mask and is_prompt_learning(model):
             raise TuneforgeError(
@@ -201,8 +206,11 @@ class Trainer:
         spec = spec[rank * b : (rank + 1) * b]
         if not spec:
             return None
-        if self.packing:
-            rows = [[self.train_samples[i] for i in row] for row in spec]
+        if self.packing or self.unpadded:
+            if self.packing:
+                rows = [[self.train_samples[i] for i in row] for row in spec]
+            else:  # one row of the micro-batch's samples
+                rows = [[self.train_samples[i] for i in spec]]
             varlen = self.flash_varlen or self.varlen_sdpa
             if varlen:
                 # Samples are told apart by their restarting positions, so the rows are joined
@@ -377,7 +385,8 @@ class Trainer:
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """The model as training runs it: fused ops on (``training.fused_ops``) and, for packed
-        rows under SDPA, per-sample attention (tuneforge.attention); both undone on exit.
+        rows or SFT micro-batches under SDPA, per-sample attention (tuneforge.attention); both
+        undone on exit.
         ``run`` trains inside it; a caller stepping by hand (``train_step``) must too."""
         with fused_ops(self.model, self.cfg.fused_ops):
             if not self.varlen_sdpa:
