@@ -37,6 +37,20 @@ def tokenizer(builtin_path):
     return load_tokenizer(str(builtin_path))
 
 
+@pytest.fixture(params=["kernels", "torch"])
+def kernel_path(request):
+    """A test twice: with the fused CPU kernels (tuneforge.kernels) and with the PyTorch path."""
+    from tuneforge import kernels
+
+    if request.param == "torch":
+        with kernels.disabled():
+            yield request.param
+        return
+    if not kernels.available():
+        pytest.skip("no C++ compiler here: the fused CPU kernels are not built")
+    yield request.param
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -5,25 +5,13 @@ import contextlib
 import pytest
 import torch
 
-from tuneforge import attention, kernels
+from tuneforge import attention
 from tuneforge.attention import VARLEN_SDPA, cu_seq_lens, register
 from tuneforge.data.batching import collate_packed, collate_padded
 from tuneforge.models import load_model
 from tuneforge.train.sft import SFTObjective
 
 from .test_batching import make_samples
-
-
-@pytest.fixture(params=["kernel", "sdpa"])
-def attn_path(request):
-    """Each test twice: the C++ varlen_attention kernel (tuneforge.kernels) and SDPA per sample."""
-    if request.param == "sdpa":
-        with kernels.disabled():
-            yield request.param
-        return
-    if not (kernels.available() and torch.ops.tuneforge.has_blas()):
-        pytest.skip("the fused CPU kernels are not built here (no compiler, or no BLAS)")
-    yield request.param
 
 
 def test_cu_seq_lens_from_restarting_positions():
@@ -37,7 +25,7 @@ def _rows(samples):
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 @torch.no_grad()
-def test_varlen_logits_equal_the_mask_path_and_each_sample_alone(name, attn_path):
+def test_varlen_logits_equal_the_mask_path_and_each_sample_alone(name, kernel_path):
     model, tok, _ = load_model(name)
     model.eval()
     samples = make_samples(5, seed=1)
@@ -65,7 +53,7 @@ def test_varlen_logits_equal_the_mask_path_and_each_sample_alone(name, attn_path
     )
 
 
-def test_varlen_loss_and_gradients_equal_the_mask_path(attn_path):
+def test_varlen_loss_and_gradients_equal_the_mask_path(kernel_path):
     torch.manual_seed(0)
     model, tok, _ = load_model("tiny-llama")
     model.train()
@@ -90,7 +78,7 @@ def test_varlen_loss_and_gradients_equal_the_mask_path(attn_path):
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-5)
 
 
-def test_the_kernel_runs_only_where_it_applies(attn_path, monkeypatch):
+def test_the_kernel_runs_only_where_it_applies(kernel_path, monkeypatch):
     """float32 CPU tensors without dropout or autocast take the kernel (when built); the others,
     and kernels.disabled(), run SDPA per sample, with the same output."""
     calls = []
@@ -104,7 +92,9 @@ def test_the_kernel_runs_only_where_it_applies(attn_path, monkeypatch):
     k, v = (torch.randn(1, T, 2, 16).transpose(1, 2) for _ in "kv")
     module = torch.nn.Module()
     out, _ = attention.varlen_sdpa(module, q, k, v, None, cu_seq_lens_q=cu)
-    assert out.shape == (1, T, 4, 16) and len(calls) == (attn_path == "kernel")
+    # the kernel path: the C++ attention kernel, where PyTorch exports BLAS (MKL builds do)
+    kernel = kernel_path == "kernels" and torch.ops.tuneforge.has_blas()
+    assert out.shape == (1, T, 4, 16) and len(calls) == kernel
     ref = torch.cat([
         torch.nn.functional.scaled_dot_product_attention(
             qs, ks, vs, is_causal=True, enable_gqa=True).transpose(1, 2)
@@ -154,7 +144,7 @@ def test_trainer_picks_the_per_sample_path_for_packed_rows_and_sft_batches(tmp_p
         model.config._attn_implementation = "sdpa"
 
 
-def test_unpadded_sft_batches_give_the_padded_loss_and_gradients(tmp_path, attn_path):
+def test_unpadded_sft_batches_give_the_padded_loss_and_gradients(tmp_path, kernel_path):
     """The same micro-batch, padded with a mask (the plain path) and joined into one row through
     per-sample attention (what the trainer does without packing): same loss and gradients."""
     from tuneforge.config import MethodConfig, TrainingConfig

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama import modeling_llama
 
-from tuneforge import fused, kernels
+from tuneforge import fused
 from tuneforge.config import MethodConfig, TrainingConfig
 from tuneforge.fused import fused_ops, rms_norm, rotary
 from tuneforge.methods import apply_method
@@ -18,18 +18,6 @@ from tuneforge.train.sft import SFTObjective
 from .test_batching import make_samples
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"])
-
-
-@pytest.fixture(params=["kernels", "torch"])
-def kernel_path(request):
-    """Each fused function twice: with the fused CPU kernels (tuneforge.kernels) and without."""
-    if request.param == "torch":
-        with kernels.disabled():
-            yield request.param
-        return
-    if not kernels.available():
-        pytest.skip("no C++ compiler here: the fused CPU kernels are not built")
-    yield request.param
 
 
 def _grads(fn, *inputs, upstream):

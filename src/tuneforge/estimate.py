@@ -418,9 +418,7 @@ def activation_bytes(shape: ModelShape, work: Workload, s: MethodSettings) -> fl
     # packing: flash-attn's kernel), by SDPA per sample unless the fused CPU kernels run them
     from tuneforge import kernels
 
-    per_sample = cpu
-    if per_sample and work.dtype_bytes == 4 and kernels.attention_expected():
-        per_sample = False
+    per_sample = cpu and not (work.dtype_bytes == 4 and kernels.attention_expected())
     fp32_elems, elems = layer_activations(
         shape, s, fused and work.dtype_bytes == 4, fused, fused, cpu, per_sample
     )

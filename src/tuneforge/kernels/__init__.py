@@ -100,11 +100,16 @@ def build(verbose: bool = False) -> Path:
     return target
 
 
+def _switched_on() -> bool:
+    """Not turned off (``disabled()``, or ``TUNEFORGE_KERNELS=0``)."""
+    return _enabled and os.environ.get(ENV, "1") != "0"
+
+
 def available() -> bool:
     """Whether the kernels are on and loaded in this process, building them first if needed. A
     failed build is tried once per process: it warns and leaves the PyTorch path."""
     global _loaded
-    if not _enabled or os.environ.get(ENV, "1") == "0":
+    if not _switched_on():
         return False
     if _loaded is None:
         _loaded = False
@@ -119,21 +124,15 @@ def available() -> bool:
     return _loaded
 
 
-def expected() -> bool:
-    """Whether training in this process would use the kernels (they are on, and loaded, built or
-    buildable here), without building them: for estimates made before a run."""
-    if not _enabled or os.environ.get(ENV, "1") == "0":
+def attention_expected() -> bool:
+    """Whether training in this process would run ``varlen_attention`` (the kernels on, and
+    loaded, built or buildable here, and PyTorch with BLAS), without building anything: for
+    estimates made before a run."""
+    if not _switched_on():
         return False
     if _loaded is not None:
-        return _loaded
-    return library_path().exists() or compiler() is not None
-
-
-def attention_expected() -> bool:
-    """``expected()`` for ``varlen_attention``, which also needs BLAS from PyTorch (MKL)."""
-    if _blas is not None:
-        return expected() and _blas
-    return expected() and torch.backends.mkl.is_available()
+        return _loaded and (_blas if _blas is not None else torch.backends.mkl.is_available())
+    return (library_path().exists() or compiler() is not None) and torch.backends.mkl.is_available()
 
 
 def loaded() -> bool:

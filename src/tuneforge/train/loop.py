@@ -206,28 +206,28 @@ class Trainer:
         spec = spec[rank * b : (rank + 1) * b]
         if not spec:
             return None
-        if self.packing or self.unpadded:
-            if self.packing:
-                rows = [[self.train_samples[i] for i in row] for row in spec]
-            else:  # one row of the micro-batch's samples
-                rows = [[self.train_samples[i] for i in spec]]
-            varlen = self.flash_varlen or self.varlen_sdpa
-            if varlen:
-                # Samples are told apart by their restarting positions, so the rows are joined
-                # into one: no padding to compute, and transformers' flash-attn path splits a
-                # batch by position ids only when it has a single row (_is_packed_sequence).
-                rows = [[s for row in rows for s in row]]
-            batch = collate_packed(rows, self.pad_id, varlen=varlen)
-            if self.varlen_sdpa:
-                batch["cu_seq_lens_q"] = cu_seq_lens(batch["position_ids"])
-            if self.additive_mask:  # eager attention adds the mask to the scores
-                dtype = weights_dtype(self.model)
-                zero = torch.zeros((), dtype=dtype)
-                batch["attention_mask"] = torch.where(
-                    batch["attention_mask"], zero, torch.finfo(dtype).min
-                )
-            return batch
-        return self.collate([self.train_samples[i] for i in spec])
+        if self.packing:
+            rows = [[self.train_samples[i] for i in row] for row in spec]
+        elif self.unpadded:  # one row of the micro-batch's samples
+            rows = [[self.train_samples[i] for i in spec]]
+        else:
+            return self.collate([self.train_samples[i] for i in spec])
+        varlen = self.flash_varlen or self.varlen_sdpa
+        if varlen:
+            # Samples are told apart by their restarting positions, so the rows are joined
+            # into one: no padding to compute, and transformers' flash-attn path splits a
+            # batch by position ids only when it has a single row (_is_packed_sequence).
+            rows = [[s for row in rows for s in row]]
+        batch = collate_packed(rows, self.pad_id, varlen=varlen)
+        if self.varlen_sdpa:
+            batch["cu_seq_lens_q"] = cu_seq_lens(batch["position_ids"])
+        if self.additive_mask:  # eager attention adds the mask to the scores
+            dtype = weights_dtype(self.model)
+            zero = torch.zeros((), dtype=dtype)
+            batch["attention_mask"] = torch.where(
+                batch["attention_mask"], zero, torch.finfo(dtype).min
+            )
+        return batch
 
     def autocast(self):
         """bf16 autocast on GPUs that support it when the model runs in bf16; fp32 on CPU."""
