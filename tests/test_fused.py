@@ -116,6 +116,8 @@ def test_lora_model_step_equals_the_plain_step(dropout, trainable_base, monkeypa
     model.train()
     batch = collate_padded(make_samples(4, seed=5), tok.pad_token_id)
     ref_loss, ref = _step(model, batch, False)
+    with fused_ops(model):  # the behaviour checks run once per process, before the count
+        pass
     nodes = []
     apply = fused._LoraLinear.apply
     monkeypatch.setattr(fused._LoraLinear, "apply", lambda *a: nodes.append(1) or apply(*a))
@@ -260,27 +262,76 @@ def test_builtin_model_packed_lora_step_equals_the_plain_step():
         assert (grads[n] - ref[n]).norm() <= 1e-4 * ref[n].norm(), n
 
 
-def test_every_family_has_llamas_norm_and_rotary_code():
-    """The fused functions stand in for Llama's RMSNorm and rotary code; a family whose code
-    differs (after a transformers upgrade, say) must leave FAMILIES."""
+def test_every_family_passes_the_behaviour_check():
+    """The fused functions stand in for Llama's RMSNorm, MLP, rotary and peft's LoRA code; every
+    family in FAMILIES must give the same numbers with the installed transformers and peft. A
+    failure here (``make test-latest`` after an upgrade) means a family now runs its own code."""
     import importlib
-    import inspect
 
-    ref = [
-        inspect.getsource(modeling_llama.LlamaRMSNorm.forward),
-        inspect.getsource(modeling_llama.apply_rotary_pos_emb),
-        inspect.getsource(modeling_llama.rotate_half),
-        inspect.getsource(modeling_llama.LlamaMLP.forward),
-    ]
-    for module_name, norm, mlp in fused.FAMILIES.values():
+    from transformers import AutoConfig
+
+    for model_type, (module_name, *_) in fused.FAMILIES.items():
         module = importlib.import_module(module_name)
-        got = [
-            inspect.getsource(getattr(module, norm).forward),
-            inspect.getsource(module.apply_rotary_pos_emb),
-            inspect.getsource(module.rotate_half),
-            inspect.getsource(getattr(module, mlp).forward),
-        ]
-        assert got == ref, module_name
+        config = AutoConfig.for_model(model_type)
+        checks = {piece: ok for piece, *_, ok in fused.replacements(module, model_type, config)}
+        assert checks == dict.fromkeys(checks, True) and len(checks) == 4, (model_type, checks)
+
+
+def _interleaved_rotary(q, k, cos, sin, unsqueeze_dim=1):
+    """GPT-J's rotary layout (pairs of neighbours, not halves): what a changed upstream function
+    could compute. Llama's cos/sin repeat over halves, so this is a different function."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rot(x):
+        return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def test_kernelized_rotary_function_is_checked_by_behaviour(monkeypatch, capsys):
+    """transformers 5.25 with ``kernels`` installed wraps apply_rotary_pos_emb in a kernelized
+    ``Func`` (no source to compare). The same numbers: the fused rotary runs. A kernelized
+    function that computes something else: the model's own code runs, with one warning line,
+    and the logits are the plain ones (the fused rotary would have changed them)."""
+    pytest.importorskip("kernels")
+    from transformers.integrations import use_kernel_forward_from_hub
+
+    calls = []
+    real_rotary = fused.rotary
+    monkeypatch.setattr(fused, "rotary", lambda *a: calls.append(1) or real_rotary(*a))
+    monkeypatch.setattr(fused, "_warned", set())
+    model, tok = _lora_model()
+    model.eval()
+    ids = torch.tensor([make_samples(1, seed=9)[0].input_ids])
+
+    def logits(fused_on: bool) -> torch.Tensor:
+        with torch.no_grad(), fused_ops(model, fused_on) as on:
+            assert on == fused_on
+            return model(input_ids=ids).logits
+
+    # the installed code (a kernelized Func in transformers 5.25): it passes, the fused rotary runs
+    torch.testing.assert_close(logits(True), logits(False), rtol=1e-4, atol=1e-5)
+    assert calls and "warning" not in capsys.readouterr().err
+
+    # a kernelized function that changed: fallback, one warning line, the model's own numbers
+    changed = use_kernel_forward_from_hub("rotary_pos_emb")(_interleaved_rotary)
+    assert type(changed).__name__ == "Func" and isinstance(changed, torch.nn.Module)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", changed)
+    plain = logits(False)
+    out = logits(True)  # the check runs here (and calls the fused rotary on its own inputs)
+    calls.clear()
+    again = logits(True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "llama's rotary embedding code" in err[0], err
+    assert not calls  # the model did not run the fused rotary
+    torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again, plain, rtol=1e-4, atol=1e-5)
+    assert modeling_llama.apply_rotary_pos_emb is changed  # restored after the blocks
+
+    # what the check prevents: the fused rotary in place of the changed code
+    monkeypatch.setattr(fused, "matches", lambda *a: True)
+    wrong = logits(True)
+    assert calls and not torch.allclose(wrong, plain, rtol=1e-3, atol=1e-3)
 
 
 def test_gradient_checkpointing_recomputes_the_same_fused_step():

@@ -24,11 +24,18 @@ rounding (tests compare values and gradients, with and without the kernels).
 (the trainer holds it for a run; ``training.fused_ops: false`` keeps the plain path). Models
 outside ``FAMILIES``, other dtypes than float32 for RMSNorm, DoRA, several active adapters,
 merged or disabled adapters and LoRA layers over quantized bases keep their own code.
+
+The fused functions replace model code by name, so each replacement is checked by behaviour
+first (``matches``): the fused function and the code it would replace run on small random
+inputs and must give the same numbers. Comparing behaviour, not source text, survives wrappers
+such as transformers' kernelized ``Func`` objects (``kernels`` installed); code that changed
+upstream fails the check, keeps running as the model wrote it, and gets one warning line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 from collections.abc import Iterator
 
@@ -40,7 +47,7 @@ from tuneforge.methods.fast_dropout import zero_at, zero_at_
 
 # model_type -> the transformers modeling module, its RMSNorm and its MLP class, whose code is
 # Llama's (weight * x * rsqrt(mean(x^2) + eps); rotate_half over the two halves of head_dim;
-# down(act(gate(x)) * up(x))); tests/test_fused.py compares the sources
+# down(act(gate(x)) * up(x))); ``matches`` checks that by behaviour before each replacement
 FAMILIES = {
     "llama": ("transformers.models.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP"),
     "mistral": ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP"),
@@ -263,6 +270,74 @@ def _lora_forward(plain):
     return forward
 
 
+# -- checking what they replace --------------------------------------------------------------------
+_checked: dict[tuple[str, object], bool] = {}  # (piece, the code it would replace) -> same numbers
+_warned: set[tuple[str, ...]] = set()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5))
+
+
+def _norm_matches(norm_cls: type, plain) -> bool:
+    norm = norm_cls(24, eps=1e-5)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.5)
+    x = torch.randn(3, 5, 24) * 3
+    return _same(plain(norm, x), _rms_norm_forward(plain)(norm, x))
+
+
+def _rotary_matches(plain) -> bool:
+    B, H, Hkv, T, D = 2, 4, 2, 5, 8
+    q, k = torch.randn(B, H, T, D), torch.randn(B, Hkv, T, D)
+    angles = torch.randint(0, 64, (B, T, 1)) * (1.0 / 10000 ** (torch.arange(0, D, 2) / D))
+    emb = torch.cat([angles, angles], -1)  # (B, T, D), as the models' rotary embedding makes it
+    want = plain(q, k, emb.cos(), emb.sin())
+    got = _apply_rotary_pos_emb(plain)(q, k, emb.cos(), emb.sin())
+    return len(want) == 2 and all(_same(w, g) for w, g in zip(want, got, strict=True))
+
+
+def _mlp_matches(mlp_cls: type, plain, config) -> bool:
+    config = copy.copy(config)  # the model's own settings (activation, bias), small shapes
+    config.hidden_size, config.intermediate_size = 16, 40
+    mlp = mlp_cls(config)
+    x = torch.randn(2, 3, 16)
+    return _same(plain(mlp, x), _mlp_forward(plain)(mlp, x))
+
+
+def _lora_matches(lora_cls: type, plain) -> bool:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for dropout in (0.0, 0.1):  # without dropout, and with it (eval: nothing dropped)
+        holder = torch.nn.Module()
+        holder.proj = torch.nn.Linear(16, 24)
+        config = LoraConfig(r=2, lora_alpha=4, lora_dropout=dropout, target_modules=["proj"])
+        layer = inject_adapter_in_model(config, holder).proj
+        if not isinstance(layer, lora_cls):
+            return False
+        layer.base_layer.requires_grad_(False)
+        torch.nn.init.normal_(layer.lora_B["default"].weight)
+        layer.eval()
+        x = torch.randn(3, 16)
+        if not _same(plain(layer, x), _lora_forward(plain)(layer, x)):
+            return False
+    return True
+
+
+def matches(piece: str, plain, check) -> bool:
+    """Whether the fused ``piece`` gives the numbers of ``plain``, the code it would replace
+    (``check()`` compares them on small random inputs); once per piece and code in a process.
+    The global random state is left as it was, and an error in the check counts as a mismatch."""
+    key = (piece, plain)
+    if key not in _checked:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            try:
+                _checked[key] = bool(check())
+            except Exception:  # the code changed shape: its signature, its attributes
+                _checked[key] = False
+    return _checked[key]
+
+
 # -- switching them on ------------------------------------------------------------------------
 def family_module(model: torch.nn.Module):
     """The modeling module whose functions ``fused_ops`` replaces, or None for other models."""
@@ -271,37 +346,63 @@ def family_module(model: torch.nn.Module):
     if entry is None:
         return None
     module = sys.modules.get(entry[0])
-    if module is None or not all(hasattr(module, n) for n in (*entry[1:], "rotate_half")):
+    if module is None or not all(hasattr(module, n) for n in (*entry[1:], "apply_rotary_pos_emb")):
         return None
     return module
 
 
+def replacements(module, model_type: str, config) -> list[tuple[str, object, str, object, bool]]:
+    """``(piece, owner, attribute, fused replacement, matches)`` for one family: what
+    ``fused_ops`` would set, and whether the behaviour check passed for it."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    _, norm_name, mlp_name = FAMILIES[model_type]
+    norm, mlp = getattr(module, norm_name), getattr(module, mlp_name)
+    rope, lora = module.apply_rotary_pos_emb, LoraLinear.forward
+    return [
+        ("RMSNorm", norm, "forward", _rms_norm_forward(norm.forward),
+         matches("RMSNorm", norm.forward, lambda: _norm_matches(norm, norm.forward))),
+        ("MLP", mlp, "forward", _mlp_forward(mlp.forward),
+         matches("MLP", mlp.forward, lambda: _mlp_matches(mlp, mlp.forward, config))),
+        ("rotary embedding", module, "apply_rotary_pos_emb", _apply_rotary_pos_emb(rope),
+         matches("rotary embedding", rope, lambda: _rotary_matches(rope))),
+        ("LoRA layer", LoraLinear, "forward", _lora_forward(lora),
+         matches("LoRA layer", lora, lambda: _lora_matches(LoraLinear, lora))),
+    ]  # fmt: skip
+
+
 @contextlib.contextmanager
 def fused_ops(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
-    """Use the fused functions for ``model``'s family inside the block; yields whether they are
-    on. Replaces the family's RMSNorm and MLP forwards, its rotary function and peft's LoRA ``Linear``
-    forward (class attributes, so every model of the family in the process is affected while
-    the block runs), and restores them afterwards."""
+    """Use the fused functions for ``model``'s family inside the block; yields whether any is
+    on. Replaces the family's RMSNorm and MLP forwards, its rotary function and peft's LoRA
+    ``Linear`` forward (class attributes, so every model of the family in the process is affected
+    while the block runs), each only where it gives the numbers of the code it replaces, and
+    restores them afterwards. A piece that fails its check keeps the model's own code, with one
+    warning line per process."""
     module = family_module(model) if enabled else None
     if module is None:
         yield False
         return
-    from peft.tuners.lora.layer import Linear as LoraLinear
+    model_type = model.config.model_type
+    pieces = replacements(module, model_type, model.config)
+    failed = tuple(piece for piece, *_, ok in pieces if not ok)
+    if failed and (model_type, *failed) not in _warned:
+        _warned.add((model_type, *failed))
+        import transformers
 
-    _, norm_name, mlp_name = FAMILIES[model.config.model_type]
-    norm, mlp = getattr(module, norm_name), getattr(module, mlp_name)
-    saved = [
-        (norm, "forward", norm.forward),
-        (mlp, "forward", mlp.forward),
-        (module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb),
-        (LoraLinear, "forward", LoraLinear.forward),
-    ]
-    norm.forward = _rms_norm_forward(norm.forward)
-    mlp.forward = _mlp_forward(mlp.forward)
-    module.apply_rotary_pos_emb = _apply_rotary_pos_emb(module.apply_rotary_pos_emb)
-    LoraLinear.forward = _lora_forward(LoraLinear.forward)
+        print(
+            f"warning: training.fused_ops: {model_type}'s {', '.join(failed)} code (transformers "
+            f"{transformers.__version__}) does not give the numbers tuneforge's fused version was "
+            "written for; running the model's own code for it",
+            file=sys.stderr,
+            flush=True,
+        )
+    saved = [(owner, attr, getattr(owner, attr)) for _, owner, attr, _, ok in pieces if ok]
+    for _, owner, attr, fast, ok in pieces:
+        if ok:
+            setattr(owner, attr, fast)
     try:
-        yield True
+        yield bool(saved)
     finally:
         for owner, attr, value in saved:
             setattr(owner, attr, value)
