@@ -97,12 +97,16 @@ def train_and_read_metrics(tmp_path: Path, data: Path, name: str, **overrides) -
 def run_cli(
     *args: str, env: dict | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    if any(k.startswith("TUNEFORGE_FAULT_") for k in env):  # tests/fault_hooks patches the run
+        hooks = str(ROOT / "tests" / "fault_hooks")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (hooks, env.get("PYTHONPATH")) if p)
     return subprocess.run(
         [sys.executable, "-m", "tuneforge", *args],
         capture_output=True,
         text=True,
         cwd=cwd or ROOT,
-        env={**os.environ, **(env or {})},
+        env=env,
         timeout=600,
     )
 

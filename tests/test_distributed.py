@@ -206,9 +206,47 @@ def test_fsdp2_resume_across_ranks(full_runs):
 
 
 def test_nproc_refuses_objectives_that_run_in_one_process():
-    r = run_cli("train", "configs/dpo.yaml", "--nproc", "2")
+    r = run_cli("train", "configs/ppo.yaml", "--nproc", "2")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "error: --nproc: training.objective dpo runs in one process only; multi-process "
-        "training covers objective sft"
+        "error: --nproc: training.objective ppo runs in one process only; multi-process "
+        "training covers objectives sft, reward and dpo"
     ]
+    r = run_cli("train", "configs/dpo.yaml", "method.name=full", "--nproc", "2")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: --nproc: method full with training.objective dpo runs in one process only "
+        "(sharded full fine-tuning covers objective sft); use an adapter method such as lora, "
+        "or one process"
+    ]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "reward"])
+def test_pair_objectives_two_processes_batch_b_equal_one_process_batch_2b(tmp_path, objective):
+    """Reward modelling and DPO with LoRA across 2 processes (gradient all-reduce), as SFT."""
+    prefs = [json.loads(x) for x in (ROOT / "examples/prefs/train.jsonl").read_text().splitlines()]
+    one = config(tmp_path, "one", prefs, 4, objective=objective)
+    two = config(tmp_path, "two", prefs, 2, objective=objective)
+    r = run_cli("train", str(one))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", str(two), "--nproc", "2")
+    assert r.returncode == 0, r.stderr
+    assert "2 processes" in r.stderr
+    files = ["adapter/adapter_model.safetensors"]
+    files += ["reward_head.safetensors"] if objective == "reward" else []
+    moved = False
+    for f in files:
+        a, b = load_file(str(tmp_path / "one" / f)), load_file(str(tmp_path / "two" / f))
+        assert a.keys() == b.keys()
+        for k in a:
+            if f.startswith("reward") and k == "bias":
+                # Bradley-Terry sees only score differences: the bias's gradient is zero up to
+                # rounding, which Adam turns into full steps of either sign
+                continue
+            update = a[k].norm()  # LoRA B starts at zero: the weights are the update
+            assert (a[k] - b[k]).norm() <= 1e-3 * update + 1e-6, (f, k)
+            moved |= "lora_B" in k and bool(a[k].abs().max() > 1e-4)
+    assert moved  # training really moved the adapter
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s1["best_eval_loss"] == pytest.approx(s2["best_eval_loss"], rel=1e-4)

@@ -20,6 +20,7 @@ from tuneforge.train import train
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint
 
 from .conftest import ROOT, run_cli, tiny_config, write_jsonl
+from .fault_hooks.sitecustomize import poison_steps
 
 
 def config_file(tmp_path, name, dates_rows, **training):
@@ -161,7 +162,7 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, dates_rows, monkeypatch):
     cfg = tiny_config(
         tmp_path, write_jsonl(tmp_path / "t.jsonl", dates_rows[:16]), **{"training.max_steps": 6}
     )
-    monkeypatch.setenv("TUNEFORGE_FAULT_NAN_STEPS", "2,3")
+    poison_steps(monkeypatch.setattr, {2, 3})
     summary = train(cfg)
     assert summary["skipped_steps"] == 2 and summary["steps"] == 6
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -18,11 +18,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise TuneforgeError("--resume and --overwrite contradict each other; pick one")
     if args.nproc < 1:
         raise TuneforgeError(f"--nproc must be at least 1, got {args.nproc}")
-    if args.nproc > 1 and cfg.training.objective != "sft":
-        raise TuneforgeError(
-            f"--nproc: training.objective {cfg.training.objective} runs in one process only; "
-            "multi-process training covers objective sft"
-        )
+    if args.nproc > 1:  # before the processes start: the run skeleton's own check, once
+        from tuneforge.train import objective_run
+        from tuneforge.train.run import check_processes
+
+        check_processes(cfg, objective_run(cfg), args.nproc)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from tuneforge.train.distributed import launch
 

@@ -654,13 +654,28 @@ def validate_method_extras(cfg: Config, bad) -> None:
             bad("method.prompt_init_text", "is empty; remove it for a random initialisation")
 
 
+# data settings that apply to some objectives only -> (those objectives, why not the others);
+# the rest (dedup, eval_split, mix, system_prompt, max_length) apply to every objective
+DATA_STEPS = {
+    "packing": (("sft",), "pairs and rollouts are batched as they are"),
+    "augment": (("sft",), "it rewrites instructions and answers, not pairs or prompts"),
+    "clean": (("sft", "reward", "dpo"), "prompt records have no answer to check"),
+}
+
+
 def _validate_preference(cfg: Config, bad) -> None:
     """Checks for the reward / dpo / ppo objectives (only when one of them is chosen)."""
     t, d = cfg.training, cfg.data
+    for key, (objectives, why) in DATA_STEPS.items():
+        if getattr(d, key) and t.objective not in objectives:
+            off = "false" if key != "augment" else "0"
+            bad(
+                f"data.{key}",
+                f"applies to objective {' and '.join(objectives)} only ({why}); "
+                f"set it {off} for {t.objective}",
+            )
     if t.objective == "sft":
         return
-    if d.packing:
-        bad("data.packing", f"applies to objective sft only; set it false for {t.objective}")
     if d.format not in ("auto", "preference"):
         bad("data.format", f"must be auto or preference for objective {t.objective}")
     if t.objective == "dpo" and t.beta <= 0:

@@ -1,4 +1,9 @@
-"""The data steps ``train`` applies before rendering, as the config asks.
+"""The data steps ``train`` applies before rendering, as the config asks, for every objective.
+
+Instruction / chat records (sft), preference pairs (reward, dpo) and prompts (ppo) take the same
+path; only the last step, turning a record into what the objective trains on, differs
+(``prepare_records``'s ``convert``). ``data.augment`` rewrites instructions and answers, so it is
+for sft only (config validation refuses it elsewhere).
 
 Order: read ``data.train`` -> ``data.clean`` -> ``data.dedup`` -> hold out eval (``data.eval`` or
 ``data.eval_split``; augmented records never go to eval) -> check every record -> warn if eval
@@ -36,12 +41,17 @@ def _stderr(msg: str) -> None:
 
 
 @dataclass
-class Conversations:
-    train: list[Messages] = field(default_factory=list)
+class Prepared:
+    """Train and eval items after the data steps (messages, pairs or prompts), with sources."""
+
+    train: list = field(default_factory=list)
     train_sources: list[str] = field(default_factory=list)
-    eval: list[Messages] = field(default_factory=list)
+    eval: list = field(default_factory=list)
     eval_sources: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what each step did (also logged)
+
+
+Conversations = Prepared  # sft's items are Messages
 
 
 def _plural(n: int, word: str) -> str:
@@ -116,19 +126,43 @@ def prepare_conversations(
     model=None,
     tokenizer=None,
     log: Callable[[str], None] = _stderr,
-) -> Conversations:
-    """Train and eval conversations after the configured data steps.
+) -> Prepared:
+    """Train and eval conversations (sft) after the configured data steps; see
+    ``prepare_records``. ``model``, ``tokenizer``: for ``data.augment`` paraphrases."""
+    return prepare_records(
+        cfg,
+        seed,
+        lambda r: to_messages(r, cfg.format, cfg.system_prompt),
+        lambda m: m,
+        model=model,
+        tokenizer=tokenizer,
+        log=log,
+    )
+
+
+def prepare_records(
+    cfg: DataConfig,
+    seed: int,
+    convert: Callable[[Record], object],
+    prompt_of: Callable[[object], Messages],
+    model=None,
+    tokenizer=None,
+    log: Callable[[str], None] = _stderr,
+) -> Prepared:
+    """Train and eval items after the configured data steps.
 
     Args:
         cfg: the data section of the config.
         seed: the training seed (eval split, augmentation and mixing depend on it).
+        convert: a record -> the objective's item; raises the record's one-line error.
+        prompt_of: an item -> its prompt messages (for the contamination check).
         model, tokenizer: the base model, for ``data.augment`` paraphrases.
         log: where the one-line notes go (stderr).
 
     Raises:
         TuneforgeError: a bad record (file:line: field), or a step that left nothing.
     """
-    out = Conversations()
+    out = Prepared()
 
     def note(msg: str) -> None:
         out.notes.append(msg)
@@ -153,12 +187,17 @@ def prepare_conversations(
     else:
         evals, hint = [], ""
 
-    out.train = [to_messages(r, cfg.format, cfg.system_prompt) for r in train]
+    out.train = [convert(r) for r in train]
     out.train_sources = [r.source for r in train]
-    out.eval = [to_messages(r, cfg.format, cfg.system_prompt) for r in evals]
+    out.eval = [convert(r) for r in evals]
     out.eval_sources = [r.source for r in evals]
     warning = contamination_warning(
-        out.train, out.train_sources, out.eval, out.eval_sources, cfg.dedup_threshold, hint
+        [prompt_of(x) for x in out.train],
+        out.train_sources,
+        [prompt_of(x) for x in out.eval],
+        out.eval_sources,
+        cfg.dedup_threshold,
+        hint,
     )
     if warning:
         note(warning)
@@ -179,7 +218,7 @@ def prepare_conversations(
             for d in augment_records(train, opts, paraphraser, rep)
             if id(d) not in originals
         ]
-        out.train += [to_messages(r, cfg.format, cfg.system_prompt) for r in variants]
+        out.train += [convert(r) for r in variants]
         out.train_sources += [r.source for r in variants]
         kinds = ", ".join(f"{n} {k}" for k, n in rep.variants.most_common()) or "none"
         rejected = sum(rep.rejected.values())
@@ -193,7 +232,7 @@ def prepare_conversations(
         base = [Record({}, s) for s in out.train_sources]  # stand-ins: mix_records keeps them all
         mixed, notes = mix_records(base, others, seed)
         extra = mixed[len(base) :]
-        out.train += [to_messages(r, cfg.format, cfg.system_prompt) for r in extra]
+        out.train += [convert(r) for r in extra]
         out.train_sources += [r.source for r in extra]
         shares = ", ".join(f"{n['used']} from {n['path']} ({n['ratio']:.0%})" for n in notes)
         note(f"data.mix: {len(out.train)} training records: {len(base)} from {cfg.train}, {shares}")

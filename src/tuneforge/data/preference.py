@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from tuneforge.config import DataConfig
-from tuneforge.data.batching import epoch_order
 from tuneforge.data.io import Record, read_records
 from tuneforge.data.records import ROLES, Messages
 from tuneforge.data.render import IGNORE, Sample, ensure_chat_template, render_reply
@@ -192,58 +191,51 @@ def render_pairs(tokenizer, prefs: list[Preference], max_length: int):
     return pairs, stats
 
 
-def _split(items: list, cfg: DataConfig, seed: int) -> tuple[list, list]:
-    order = epoch_order(len(items), seed, -1)  # the same held-out rows as SFT's eval_split
-    held = set(order[: max(1, round(len(items) * cfg.eval_split))])
-    return [x for i, x in enumerate(items) if i not in held], [
-        x for i, x in enumerate(items) if i in held
-    ]
-
-
 def load_preferences(path: str, system_prompt: str | None = None) -> list[Preference]:
     """Read and validate a preference file (the first bad record raises its one-line error)."""
     return [to_preference(r, system_prompt) for r in read_records(path)]
 
 
 def prepare_preference_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedPairs:
-    """Read, validate and render train (and eval) preference pairs.
+    """Read, validate and render train (and eval) preference pairs, after the data steps every
+    objective shares (clean, dedup, eval split, mix: ``data.pipeline``).
 
     Raises:
         TuneforgeError: bad records, or no pair left within ``max_length``.
     """
+    from tuneforge.data.pipeline import prepare_records
+
     ensure_chat_template(tokenizer)
-    prefs = load_preferences(cfg.train, cfg.system_prompt)
-    if cfg.eval:
-        eval_prefs = load_preferences(cfg.eval, cfg.system_prompt)
-    elif cfg.eval_split > 0:
-        prefs, eval_prefs = _split(prefs, cfg, seed)
-    else:
-        eval_prefs = []
-    train, stats = render_pairs(tokenizer, prefs, cfg.max_length)
+    prepared = prepare_records(
+        cfg, seed, lambda r: to_preference(r, cfg.system_prompt), lambda p: p.prompt
+    )
+    train, stats = render_pairs(tokenizer, prepared.train, cfg.max_length)
     if not train:
         raise TuneforgeError(
             f"{cfg.train}: no preference pair has a response token within "
             f"data.max_length={cfg.max_length} ({stats.dropped_no_labels} prompts too long, "
             f"{stats.dropped_identical} pairs identical once cut); raise data.max_length"
         )
-    evals, eval_stats = render_pairs(tokenizer, eval_prefs, cfg.max_length)
+    evals, eval_stats = render_pairs(tokenizer, prepared.eval, cfg.max_length)
     return PreparedPairs(train, evals, stats, eval_stats)
+
+
+PROMPTS_NEED = "PPO prompt records need 'prompt' (text or messages)"
 
 
 def load_prompts(path: str, system_prompt: str | None = None) -> list[Messages]:
     """Prompts for rollouts: the ``prompt`` of each record (preference records qualify)."""
-    what = "PPO prompt records need 'prompt' (text or messages)"
-    return [prompt_messages(r, system_prompt, what) for r in read_records(path)]
+    return [prompt_messages(r, system_prompt, PROMPTS_NEED) for r in read_records(path)]
 
 
 def prepare_prompts(cfg: DataConfig, seed: int) -> tuple[list[Messages], list[Messages]]:
-    """(train prompts, eval prompts) from ``data.train`` / ``data.eval`` / ``data.eval_split``."""
-    prompts = load_prompts(cfg.train, cfg.system_prompt)
-    if cfg.eval:
-        return prompts, load_prompts(cfg.eval, cfg.system_prompt)
-    if cfg.eval_split > 0:
-        return _split(prompts, cfg, seed)
-    return prompts, []
+    """(train prompts, eval prompts) after the data steps every objective shares."""
+    from tuneforge.data.pipeline import prepare_records
+
+    prepared = prepare_records(
+        cfg, seed, lambda r: prompt_messages(r, cfg.system_prompt, PROMPTS_NEED), lambda m: m
+    )
+    return prepared.train, prepared.eval
 
 
 # -- batching -------------------------------------------------------------------------------------

@@ -26,13 +26,43 @@ PEFT_METHODS = ("lora", "dora", "ia3", "prefix", "prompt")
 MERGEABLE = ("LORA", "IA3")  # peft_type values whose update folds into the weights
 
 
+def trains_adapter(method: MethodConfig | str) -> bool:
+    """Whether ``method`` trains an adapter beside a frozen base (saved as ``adapter/``; the
+    reference model of DPO / PPO is the base with the adapter off) rather than every weight
+    (``full``: saved as ``model/``; the reference is a frozen copy of the start)."""
+    return (method if isinstance(method, str) else method.name) != "full"
+
+
+def saved_folder(method: MethodConfig | str) -> str:
+    """The run folder's subfolder that holds what ``method`` trained."""
+    return "adapter" if trains_adapter(method) else "model"
+
+
+def load_base(cfg, device: torch.device):
+    """``(model, tokenizer, resolved)``: the base model as ``cfg.method`` trains it, for every
+    objective: in 4 bits (bitsandbytes) for qlora, else in ``training.dtype``.
+
+    Raises:
+        TuneforgeError: the model reference cannot be loaded, or 4-bit weights cannot run here.
+    """
+    from tuneforge.models import load_model
+
+    t = cfg.training
+    args = (cfg.model, t.dtype, str(device), cfg.trust_remote_code, t.attn_implementation)
+    if cfg.method.name == "qlora":
+        from tuneforge.methods.quantize import load_quantized_model
+
+        return load_quantized_model(*args, method=cfg.method)
+    return load_model(*args)
+
+
 def apply_method(model: torch.nn.Module, cfg: MethodConfig, tokenizer=None) -> torch.nn.Module:
     """Return the model prepared for training with ``cfg.name`` (frozen base + adapters, or all).
 
     Args:
         tokenizer: used by ``prompt`` to initialise the soft prompt from ``prompt_init_text``.
     """
-    if cfg.name == "full":
+    if not trains_adapter(cfg):
         for p in model.parameters():
             p.requires_grad_(True)
         return model

@@ -200,9 +200,7 @@ def apply_qlora(model: torch.nn.Module, cfg: MethodConfig) -> torch.nn.Module:
     from tuneforge.methods.peft_methods import apply_lora
 
     if not getattr(model, "is_loaded_in_4bit", False):
-        raise TuneforgeError(
-            "method qlora needs the base loaded in 4 bits (methods.quantize.load_quantized_model)"
-        )
+        raise TuneforgeError("method qlora needs the base loaded in 4 bits (methods.load_base)")
     model = apply_lora(model, cfg)  # peft freezes the base and keeps adapters in fp32
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -155,8 +154,6 @@ def _write_checkpoint(
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"per_rank": rng_states}, tmp / "rng.pt")  # one entry per data-parallel rank
-    if os.environ.get("TUNEFORGE_FAULT_KILL_IN_CHECKPOINT") == str(step):  # test hook
-        os.kill(os.getpid(), signal.SIGKILL)
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

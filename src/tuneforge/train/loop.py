@@ -7,7 +7,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -97,6 +96,63 @@ class LoopResult:
     supervised_tokens: int = 0
     skipped_steps: int = 0
     best_eval_metrics: dict = field(default_factory=dict)
+
+
+class BestKeeper:
+    """Best-so-far eval tracking, early stopping and the best weights, shared by the loops
+    (the Trainer here, PPO's outer loop). ``state`` is the loop's checkpointed state dict; ``key``
+    its best-value entry (``best_eval_loss``, lower is better, or ``best_eval_reward``)."""
+
+    def __init__(self, model, state: dict, key: str, patience: int, higher_is_better=False):
+        self.model, self.state, self.key = model, state, key
+        self.patience, self.higher = patience, higher_is_better
+        self.best_state: dict | None = None
+
+    def update(self, step: int, value: float, metrics: dict | None = None) -> bool:
+        """Record an eval at ``step``; returns whether training should stop early now."""
+        state = self.state
+        state["eval_history"].append([step, value])
+        best = state[self.key]
+        if best is None or (value > best if self.higher else value < best):
+            state.update({self.key: value, "best_step": step, "bad_evals": 0})
+            if metrics is not None:
+                state["best_eval_metrics"] = metrics
+            self.best_state = trainable_state(self.model)
+        else:
+            state["bad_evals"] += 1
+        return bool(self.patience and state["bad_evals"] >= self.patience)
+
+    def for_checkpoint(self, step: int) -> dict | None:
+        """The best weights to store beside a checkpoint at ``step`` (None: they are its own)."""
+        return self.best_state if self.state["best_step"] != step else None
+
+    def restore_best(self) -> None:
+        """Load the best weights when the last step was not the best."""
+        if self.best_state is not None and self.state["best_step"] != self.state["global_step"]:
+            load_trainable_state(self.model, self.best_state)
+
+
+def eval_due(step: int, total_steps: int, steps_per_epoch: int, cfg, has_eval: bool) -> bool:
+    """Evaluate after ``step``: every ``eval_steps``, else every epoch, and at the last step."""
+    if not has_eval:
+        return False
+    if step == total_steps:
+        return True
+    return step % (cfg.eval_steps or steps_per_epoch) == 0
+
+
+def save_due(step: int, steps_per_epoch: int, cfg, has_eval: bool, evaluated: bool) -> bool:
+    """Checkpoint after ``step``: every ``save_steps``, else at each eval (each epoch without)."""
+    if cfg.save_steps > 0:
+        return step % cfg.save_steps == 0
+    return evaluated or (not has_eval and step % steps_per_epoch == 0)
+
+
+def log_record(metrics, loggers: list, record: dict) -> None:
+    """One metrics.jsonl line, and the same record to the ``training.report_to`` loggers."""
+    metrics.write(json.dumps(record) + "\n")
+    for logger in loggers:
+        logger.log(record)
 
 
 def split_metrics(result) -> tuple[torch.Tensor, dict]:
@@ -257,15 +313,12 @@ class Trainer:
         local_units = sum(self.objective.units(b) for b, counts in work if counts)
         units = int(self.dist.all_reduce_sum(local_units))  # the whole window, all ranks
         total = 0.0
-        poison = step + 1 in _fault_steps("TUNEFORGE_FAULT_NAN_STEPS")  # test hook: a NaN loss
         metric_sums: dict[str, float] = {}
         for b, counts in work:
             with self.autocast():
                 loss_sum, metrics = split_metrics(
                     self.objective.loss_sum(self.model, self._to_device(b))
                 )
-            if poison:
-                loss_sum = loss_sum * float("nan")
             if not counts:  # an FSDP2 stand-in: joins the collectives, adds nothing
                 (loss_sum * 0.0).backward()
                 continue
@@ -363,18 +416,12 @@ class Trainer:
                 yield self.collate(self.eval_samples[:1]), False
 
     def _eval_due(self, step: int) -> bool:
-        if not self.eval_samples:
-            return False
-        if step == self.total_steps:
-            return True
-        if self.cfg.eval_steps > 0:
-            return step % self.cfg.eval_steps == 0
-        return step % self.steps_per_epoch == 0
+        return eval_due(
+            step, self.total_steps, self.steps_per_epoch, self.cfg, bool(self.eval_samples)
+        )
 
     def _save_due(self, step: int, evaluated: bool) -> bool:
-        if self.cfg.save_steps > 0:
-            return step % self.cfg.save_steps == 0
-        return evaluated or (not self.eval_samples and step % self.steps_per_epoch == 0)
+        return save_due(step, self.steps_per_epoch, self.cfg, bool(self.eval_samples), evaluated)
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> LoopResult:
@@ -425,8 +472,9 @@ class Trainer:
                     best_state = trainable_state(self.model)
                 if self.dist.is_main:
                     _truncate_metrics(metrics_path, state["global_step"])
+        keeper = BestKeeper(self.model, state, "best_eval_loss", cfg.early_stopping_patience)
+        keeper.best_state = best_state
         self.model.train()
-        fault_step = int(os.environ.get("TUNEFORGE_FAULT_KILL_AT_STEP", "0"))  # test hook: SIGKILL
         bar = tqdm(
             total=self.total_steps,
             initial=state["global_step"],
@@ -455,8 +503,6 @@ class Trainer:
                 else:
                     state["bad_steps_in_row"] = 0
                     last_loss = out["loss"]
-                if fault_step and state["global_step"] == fault_step:
-                    os.kill(os.getpid(), signal.SIGKILL)
                 record = {
                     "step": step + 1,
                     "epoch": round((step + 1) / self.steps_per_epoch, 4),
@@ -464,9 +510,7 @@ class Trainer:
                     "tokens_per_s": round(out["tokens"] / dt, 1),
                 }
                 if (step + 1) % cfg.logging_steps == 0 or step + 1 == self.total_steps:
-                    metrics.write(json.dumps(record) + "\n")
-                    for logger in self.loggers:
-                        logger.log(record)
+                    log_record(metrics, self.loggers, record)
                 if state["bad_steps_in_row"] >= cfg.max_bad_steps:
                     metrics.flush()
                     bar.close()
@@ -491,43 +535,28 @@ class Trainer:
                 if self._eval_due(step + 1):
                     evaluated = True
                     eval_loss = self.evaluate()
-                    state["eval_history"].append([step + 1, eval_loss])
-                    best = state["best_eval_loss"]
-                    if best is None or eval_loss < best:
-                        state.update(best_eval_loss=eval_loss, best_step=step + 1, bad_evals=0)
-                        state["best_eval_metrics"] = self.last_eval_metrics
-                        best_state = trainable_state(self.model)
-                    else:
-                        state["bad_evals"] += 1
-                    metrics.write(
-                        json.dumps(
-                            {
-                                "step": step + 1,
-                                "eval_loss": round(eval_loss, 6),
-                                **{
-                                    f"eval_{k}": round(v, 6)
-                                    for k, v in self.last_eval_metrics.items()
-                                },
-                                "best_step": state["best_step"],
-                            }
-                        )
-                        + "\n"
+                    stopped_early = keeper.update(step + 1, eval_loss, self.last_eval_metrics)
+                    eval_metrics = {
+                        f"eval_{k}": round(v, 6) for k, v in self.last_eval_metrics.items()
+                    }
+                    log_record(
+                        metrics,
+                        self.loggers,
+                        {
+                            "step": step + 1,
+                            "eval_loss": round(eval_loss, 6),
+                            **eval_metrics,
+                            "best_step": state["best_step"],
+                        },
                     )
-                    for logger in self.loggers:
-                        logger.log({"step": step + 1, "eval_loss": eval_loss})
                     say(
                         f"step {step + 1}: eval_loss {eval_loss:.4f} (best {state['best_eval_loss']:.4f} at step {state['best_step']})"
                     )
-                    if (
-                        cfg.early_stopping_patience
-                        and state["bad_evals"] >= cfg.early_stopping_patience
-                    ):
-                        stopped_early = True
                 metrics.flush()
                 save = self._save_due(step + 1, evaluated) or stopped_early
                 if save and not out.get("skipped"):  # never checkpoint inside a bad streak
                     rng = self.dist.gather_objects(rng_state())
-                    best = best_state if state["best_step"] != step + 1 else None
+                    best = keeper.for_checkpoint(step + 1)
                     full = self._gather_for_checkpoint(best)
                     if main:
                         save_checkpoint(
@@ -551,8 +580,7 @@ class Trainer:
         bar.close()
         for logger in self.loggers:
             logger.close()
-        if best_state is not None and state["best_step"] != state["global_step"]:
-            load_trainable_state(self.model, best_state)  # keep the best weights
+        keeper.restore_best()  # keep the best weights
         return LoopResult(
             global_step=state["global_step"],
             total_steps=self.total_steps,
@@ -579,12 +607,6 @@ class Trainer:
         if best is not None:
             full["best"] = gather_full(best)
         return full
-
-
-def _fault_steps(name: str) -> set[int]:
-    """Steps named in a fault-injection variable (tests only), e.g. '3,4'."""
-    raw = os.environ.get(name, "")
-    return {int(x) for x in raw.split(",") if x.strip()}
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -12,18 +12,18 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from tuneforge.config import Config, TrainingConfig, dump_config
+from tuneforge.config import TrainingConfig
 from tuneforge.data.batching import epoch_order
 from tuneforge.data.preference import prepare_prompts
 from tuneforge.data.records import Messages
@@ -39,19 +39,25 @@ from tuneforge.losses import (
     token_logprobs,
     whiten,
 )
-from tuneforge.methods import apply_method, describe_trainable
-from tuneforge.models import load_model, pick_device
-from tuneforge.train import _log, check_run_dir, prepare_for_speed, save_trained, seed_everything
+from tuneforge.methods import trains_adapter
 from tuneforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
-    load_trainable_state,
     save_checkpoint,
-    trainable_state,
 )
-from tuneforge.train.loop import _truncate_metrics, build_optimizer, lr_lambda
+from tuneforge.train.loop import (
+    BestKeeper,
+    LoopResult,
+    _truncate_metrics,
+    build_optimizer,
+    eval_due,
+    log_record,
+    lr_lambda,
+    save_due,
+)
 from tuneforge.train.policy import decoder_hidden, labelled_logprobs, unwrap
 from tuneforge.train.reward import make_reward
+from tuneforge.train.run import ObjectiveRun
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -64,7 +70,7 @@ class PolicyWithValue(torch.nn.Module):
         super().__init__()
         self.lm = lm
         base = unwrap(lm)
-        param = next(lm.parameters())
+        param = next(p for p in lm.parameters() if p.is_floating_point())  # not 4-bit codes
         self.value_head = torch.nn.Linear(
             base.config.hidden_size, 1, device=param.device, dtype=param.dtype
         )
@@ -166,6 +172,7 @@ class PPOTrainer:
         run_dir: Path,
         device: torch.device,
         adapter: bool,
+        loggers: list | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -175,6 +182,7 @@ class PPOTrainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = device
+        self.loggers = loggers or []  # training.report_to
         # The reference policy: the base with the adapter disabled, or a frozen copy (full).
         self.reference = None if adapter else _frozen_copy(model.lm)
         self.stop_ids = end_of_turn_ids(tokenizer)
@@ -366,25 +374,20 @@ class PPOTrainer:
         return max(1, len(self.prompts) // self.cfg.rollout_batch_size)
 
     def _eval_due(self, step: int) -> bool:
-        if not self.eval_prompts:
-            return False
-        if step == self.total_steps:
-            return True
-        return step % (self.cfg.eval_steps or self.steps_per_epoch) == 0
+        has_eval = bool(self.eval_prompts)
+        return eval_due(step, self.total_steps, self.steps_per_epoch, self.cfg, has_eval)
 
     def _save_due(self, step: int, evaluated: bool) -> bool:
-        if self.cfg.save_steps > 0:
-            return step % self.cfg.save_steps == 0
-        if self.eval_prompts:
-            return evaluated
-        return step % self.steps_per_epoch == 0 or step == self.total_steps
+        has_eval = bool(self.eval_prompts)
+        last = not has_eval and step == self.total_steps  # a rollout step is costly: keep it
+        return save_due(step, self.steps_per_epoch, self.cfg, has_eval, evaluated) or last
 
     # -- the loop -----------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> dict:
+    def run(self, resume: bool = False) -> LoopResult:
         with fused_ops(self.model.lm, self.cfg.fused_ops):
             return self._run(resume)
 
-    def _run(self, resume: bool = False) -> dict:
+    def _run(self, resume: bool = False) -> LoopResult:
         t = self.cfg
         metrics_path = self.run_dir / "metrics.jsonl"
         ckpt_root = self.run_dir / "checkpoints"
@@ -397,6 +400,10 @@ class PPOTrainer:
                 ckpts[-1], self.model, self.optimizer, self.scheduler
             )
             _truncate_metrics(metrics_path, state["global_step"])
+        keeper = BestKeeper(
+            self.model, state, "best_eval_reward", t.early_stopping_patience, higher_is_better=True
+        )
+        keeper.best_state = best_state
         bar = tqdm(
             total=self.total_steps,
             initial=state["global_step"],
@@ -418,35 +425,25 @@ class PPOTrainer:
                 record = {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
                 record["seconds"] = round(time.perf_counter() - t0, 2)
                 if (step + 1) % t.logging_steps == 0 or step + 1 == self.total_steps:
-                    log.write(json.dumps(record) + "\n")
+                    log_record(log, self.loggers, record)
                 bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
                 bar.update(1)
                 evaluated = self._eval_due(step + 1)
                 if evaluated:
                     value = self.evaluate()
-                    state["eval_history"].append([step + 1, value])
-                    best = state["best_eval_reward"]
-                    if best is None or value > best:
-                        state.update(best_eval_reward=value, best_step=step + 1, bad_evals=0)
-                        best_state = trainable_state(self.model)
-                    else:
-                        state["bad_evals"] += 1
-                    log.write(
-                        json.dumps(
-                            {
-                                "step": step + 1,
-                                "eval_reward": round(value, 6),
-                                "best_step": state["best_step"],
-                            }
-                        )
-                        + "\n"
+                    state["stopped_early"] = keeper.update(step + 1, value)
+                    log_record(
+                        log,
+                        self.loggers,
+                        {
+                            "step": step + 1,
+                            "eval_reward": round(value, 6),
+                            "best_step": state["best_step"],
+                        },
                     )
                     bar.write(f"step {step + 1}: eval reward {value:.4f}")
-                    patience = t.early_stopping_patience
-                    state["stopped_early"] = bool(patience and state["bad_evals"] >= patience)
                 log.flush()
                 if self._save_due(step + 1, evaluated) or state["stopped_early"]:
-                    keep_best = best_state if state["best_step"] != step + 1 else None
                     save_checkpoint(
                         ckpt_root,
                         step + 1,
@@ -454,7 +451,7 @@ class PPOTrainer:
                         self.optimizer,
                         self.scheduler,
                         state,
-                        keep_best,
+                        keeper.for_checkpoint(step + 1),
                         t.save_total_limit,
                     )
                 if state["stopped_early"]:
@@ -463,10 +460,19 @@ class PPOTrainer:
                     )
                     break
         bar.close()
-        if best_state is not None and state["best_step"] != state["global_step"]:
-            load_trainable_state(self.model, best_state)  # keep the best weights
-        state["seconds"] = time.perf_counter() - start
-        return state
+        for logger in self.loggers:
+            logger.close()
+        keeper.restore_best()  # keep the best weights
+        best = state["best_eval_reward"]
+        return LoopResult(
+            global_step=state["global_step"],
+            total_steps=self.total_steps,
+            stopped_early=state["stopped_early"],
+            best_step=state["best_step"],
+            eval_history=[tuple(x) for x in state["eval_history"]],
+            seconds=time.perf_counter() - start,
+            best_eval_metrics={} if best is None else {"reward": best},
+        )
 
 
 def _frozen_copy(lm: torch.nn.Module) -> torch.nn.Module:
@@ -485,65 +491,49 @@ def save_value_head(model: PolicyWithValue, run_dir: Path) -> None:
     tmp.replace(run_dir / VALUE_HEAD_FILE)
 
 
-def train_ppo(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run PPO as ``cfg`` says; returns the run summary (also written as summary.json).
+class PPORun(ObjectiveRun):
+    """PPO in the run skeleton (train/run.py): prompt records, the policy with a value head,
+    PPO's outer rollout loop (which shares the loop's eval, early-stopping and checkpoint code)."""
 
-    The model, prompts and reward are all loaded and checked before the run folder is touched.
-    """
-    run_dir = Path(cfg.output_dir)
-    check_run_dir(run_dir, resume, overwrite)
-    t = cfg.training
-    seed_everything(t.seed)
-    lm, tokenizer, resolved = load_model(cfg.model, t.dtype, t.device, cfg.trust_remote_code)
-    ensure_chat_template(tokenizer)
-    prompts, eval_prompts = prepare_prompts(cfg.data, t.seed)
-    reward = make_reward(t)
-    lm = apply_method(lm, cfg.method, tokenizer)
-    prepare_for_speed(lm, t)
-    model = PolicyWithValue(lm)
-    _log(f"data: {len(prompts)} training prompts, {len(eval_prompts)} eval prompts")
-    _log(describe_trainable(model))
-    if overwrite and not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    device = pick_device(t.device)
-    trainer = PPOTrainer(
-        model,
-        tokenizer,
-        reward,
-        prompts,
-        eval_prompts,
-        t,
-        run_dir,
-        device,
-        adapter=cfg.method.name != "full",
-    )
-    state = trainer.run(resume=resume)
-    save_trained(lm, tokenizer, cfg, run_dir)
-    save_value_head(model, run_dir)
-    rewards = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rewards = [r["reward"] for r in rewards if "reward" in r]
-    summary = {
-        "model": cfg.model,
-        "resolved_model": resolved,
-        "objective": "ppo",
-        "method": cfg.method.name,
-        "steps": state["global_step"],
-        "total_steps": trainer.total_steps,
-        "stopped_early": state["stopped_early"],
-        "best_step": state["best_step"],
-        "best_eval_reward": state["best_eval_reward"],
-        "eval_history": state["eval_history"],
-        "first_step_reward": rewards[0] if rewards else None,
-        "last_step_reward": rewards[-1] if rewards else None,
-        "train_prompts": len(prompts),
-        "eval_prompts": len(eval_prompts),
-        "train_seconds_this_process": round(state["seconds"], 2),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run_dir / "summary.json")
-    _log(f"saved {run_dir / ('model' if cfg.method.name == 'full' else 'adapter')}")
-    return summary
+    name = "ppo"
+
+    def prepare_data(self, cfg, tokenizer, lm):
+        ensure_chat_template(tokenizer)
+        prompts, eval_prompts = prepare_prompts(cfg.data, cfg.training.seed)
+        self.reward = make_reward(cfg.training)  # a reward model or function: checked now
+        return SimpleNamespace(train=prompts, eval=eval_prompts)
+
+    def describe_data(self, cfg, data) -> list[str]:
+        return [f"data: {len(data.train)} training prompts, {len(data.eval)} eval prompts"]
+
+    def wrap(self, ctx, data):
+        return PolicyWithValue(ctx.lm)
+
+    def fit(self, ctx, model, data):
+        self.trainer = PPOTrainer(
+            model,
+            ctx.tokenizer,
+            self.reward,
+            data.train,
+            data.eval,
+            ctx.cfg.training,
+            ctx.run_dir,
+            ctx.device,
+            adapter=trains_adapter(ctx.cfg.method),
+            loggers=ctx.loggers,
+        )
+        return self.trainer.run(resume=ctx.resume)
+
+    def save_extra(self, ctx, model) -> None:
+        save_value_head(model, ctx.run_dir)
+
+    def summary(self, ctx, result, data) -> dict:
+        rows = [json.loads(x) for x in (ctx.run_dir / "metrics.jsonl").read_text().splitlines()]
+        rewards = [r["reward"] for r in rows if "reward" in r]
+        return {
+            "best_eval_reward": result.best_eval_metrics.get("reward"),
+            "first_step_reward": rewards[0] if rewards else None,
+            "last_step_reward": rewards[-1] if rewards else None,
+            "train_prompts": len(data.train),
+            "eval_prompts": len(data.eval),
+        }

@@ -44,7 +44,7 @@ class RewardModel(torch.nn.Module):
         if head is None:
             config = lm.config if hasattr(lm, "config") else lm.get_base_model().config
             hidden = config.hidden_size
-            param = next(lm.parameters())
+            param = next(p for p in lm.parameters() if p.is_floating_point())  # not 4-bit codes
             head = torch.nn.Linear(hidden, 1, device=param.device, dtype=param.dtype)
             torch.nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
             torch.nn.init.zeros_(head.bias)
@@ -111,7 +111,7 @@ def load_reward_model(run: str | Path, dtype: str = "auto", device: str = "auto"
     lm, tokenizer = load_for_inference(str(run), dtype=dtype, device=device)
     state = load_file(str(run / HEAD_FILE))
     weight = state["weight"]
-    param = next(lm.parameters())
+    param = next(p for p in lm.parameters() if p.is_floating_point())  # not 4-bit codes
     head = torch.nn.Linear(weight.size(1), 1, device=param.device, dtype=param.dtype)
     head.load_state_dict(state)
     model = RewardModel(lm, head)

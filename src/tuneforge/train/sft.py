@@ -7,9 +7,12 @@ from torch.distributed.tensor import DTensor
 
 from tuneforge.data.batching import supervised_tokens
 from tuneforge.losses import causal_lm_loss_sum, selective_lm_loss_sum
+from tuneforge.methods import saved_folder
 from tuneforge.methods.peft_methods import is_prompt_learning, virtual_token_count
 from tuneforge.methods.quantize_embed import QuantizedHead, head_weight
 from tuneforge.methods.virtual_packing import is_packed, packed_forward
+from tuneforge.train.loop import Trainer
+from tuneforge.train.run import ObjectiveRun, loop_summary
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -69,3 +72,58 @@ class SFTObjective:
         # Prompt tuning returns logits for its virtual tokens first: (B, n_virtual + T, V).
         logits = logits[:, virtual_token_count(model) :]
         return causal_lm_loss_sum(logits, batch["labels"])
+
+
+# -- the run -------------------------------------------------------------------------------------
+class SFTRun(ObjectiveRun):
+    """Supervised fine-tuning in the run skeleton (train/run.py): instruction / chat records,
+    rendered samples, the shared loop with packing."""
+
+    name = "sft"
+    multi_process = True
+    shards_full = True  # FSDP2
+
+    def __init__(self, loss=None):
+        self.loss = loss or SFTObjective()
+
+    def prepare_data(self, cfg, tokenizer, lm):
+        from tuneforge.data.dataset import prepare_sft_data
+
+        return prepare_sft_data(cfg.data, tokenizer, cfg.training.seed, model=lm)
+
+    def describe_data(self, cfg, data) -> list[str]:
+        st = data.train_stats
+        line = f"data: {len(data.train)} training samples, {len(data.eval)} eval samples"
+        if st.truncated:
+            line += f"; {st.truncated} truncated to {cfg.data.max_length} tokens"
+        if st.dropped_no_labels:
+            line += f"; {st.dropped_no_labels} dropped (no supervised token within max_length)"
+        return [line]
+
+    def fit(self, ctx, model, data):
+        cfg = ctx.cfg
+        trainer = Trainer(
+            model,
+            self.loss,
+            data.train,
+            data.eval,
+            cfg.training,
+            ctx.run_dir,
+            ctx.tokenizer.pad_token_id,
+            ctx.device,
+            packing=cfg.data.packing,
+            max_length=cfg.data.max_length,
+            group_by_length=cfg.data.group_by_length,
+            dist=ctx.dist,
+            loggers=ctx.loggers,
+        )
+        return trainer.run(resume=ctx.resume)
+
+    def summary(self, ctx, result, data) -> dict:
+        return loop_summary(result, data)
+
+    def finished(self, ctx, result) -> str:
+        best = result.best_step
+        return f"saved {ctx.run_dir / saved_folder(ctx.cfg.method)}" + (
+            f" (best eval loss {result.best_eval_loss:.4f} at step {best})" if best else ""
+        )

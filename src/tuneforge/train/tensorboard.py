@@ -6,14 +6,17 @@ from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
 
-# metrics.jsonl keys -> TensorBoard tags (the rest of a record is bookkeeping, not a curve).
-TAGS = {
-    "loss": "train/loss",
-    "lr": "train/learning_rate",
-    "grad_norm": "train/grad_norm",
-    "tokens_per_s": "train/tokens_per_s",
-    "eval_loss": "eval/loss",
-}
+# metrics.jsonl keys with a tag of their own; every other number of a record is a curve too:
+# ``eval_x`` -> ``eval/x``, ``x`` -> ``train/x`` (DPO's rewards_margin, PPO's reward and kl, ...)
+TAGS = {"lr": "train/learning_rate"}
+BOOKKEEPING = {"step", "epoch", "best_step", "seconds"}
+
+
+def tag(key: str) -> str:
+    """The TensorBoard tag of a metrics.jsonl key."""
+    if key in TAGS:
+        return TAGS[key]
+    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
 
 
 class TensorBoardLogger:
@@ -43,9 +46,9 @@ class TensorBoardLogger:
         if self.writer is None:
             self.writer = self._writer_class(log_dir=str(self.log_dir))
         step = int(record["step"])
-        for key, tag in TAGS.items():
-            if isinstance(record.get(key), int | float):
-                self.writer.add_scalar(tag, float(record[key]), step)
+        for key, value in record.items():
+            if key not in BOOKKEEPING and type(value) in (int, float):
+                self.writer.add_scalar(tag(key), float(value), step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -1,0 +1,299 @@
+"""The run skeleton every objective goes through, written once.
+
+check the run folder -> seed -> load the base through the method -> the data pipeline -> apply
+the method -> speed set-up -> the objective's model wrapper -> open the run folder and loggers
+-> the loop -> save -> summary.
+
+An objective (``ObjectiveRun``: sft.py, preference.py, ppo.py) supplies only what differs: how
+its records become training items, the model wrapper (reward head, value head), the loop that
+fits it, what it saves beside the weights, and its summary fields. Everything a user can get
+wrong (config, model reference, data, optional packages) is checked before the run folder is
+created or changed. Under torchrun / ``--nproc`` every rank runs this; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tuneforge import kernels
+from tuneforge.config import Config, dump_config
+from tuneforge.errors import TuneforgeError
+from tuneforge.methods import (
+    apply_method,
+    describe_trainable,
+    load_base,
+    saved_folder,
+    trainable_parameters,
+    trains_adapter,
+)
+from tuneforge.models import pick_device, weights_dtype
+from tuneforge.train.checkpoint import list_checkpoints
+from tuneforge.train.distributed import Dist, init_from_env, shutdown
+from tuneforge.train.loop import LoopResult
+from tuneforge.train.memory import allocator, return_freed_memory
+from tuneforge.train.tensorboard import make_loggers
+
+
+@dataclass
+class RunContext:
+    """What the skeleton has set up, handed to the objective's steps."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    dist: Dist
+    tokenizer: object
+    lm: torch.nn.Module  # the base with the method applied (what save_trained saves)
+    resume: bool = False
+    loggers: list = field(default_factory=list)
+
+
+class ObjectiveRun:
+    """What one training objective supplies to ``run``; see the module docstring."""
+
+    name = "sft"
+    # Several processes (``--nproc``): data-parallel adapters for every objective that sets it;
+    # full fine-tuning (FSDP2 sharding) where ``shards_full`` is set too.
+    multi_process = False
+    shards_full = False
+
+    def prepare_data(self, cfg: Config, tokenizer, lm: torch.nn.Module):
+        """Records -> the objective's training and eval items (raises a user's data errors)."""
+        raise NotImplementedError
+
+    def describe_data(self, cfg: Config, data) -> list[str]:
+        """One-line notes on the prepared data, printed before training."""
+        return []
+
+    def wrap(self, ctx: RunContext, data) -> torch.nn.Module:
+        """The model the loop trains (the LM, or the LM with a reward / value head)."""
+        return ctx.lm
+
+    def fit(self, ctx: RunContext, model: torch.nn.Module, data) -> LoopResult:
+        raise NotImplementedError
+
+    def save_extra(self, ctx: RunContext, model: torch.nn.Module) -> None:
+        """Files beside the adapter / model folder (a reward or value head)."""
+
+    def summary(self, ctx: RunContext, result: LoopResult, data) -> dict:
+        """The objective's own summary.json fields."""
+        return {}
+
+    def finished(self, ctx: RunContext, result: LoopResult) -> str:
+        """The last line printed."""
+        return f"saved {ctx.run_dir / saved_folder(ctx.cfg.method)}"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing run unless asked; refuse to resume nothing."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TuneforgeError(f"output_dir '{run_dir}' is a file; choose a folder path")
+    has_content = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume:
+        if not list_checkpoints(run_dir / "checkpoints"):
+            raise TuneforgeError(
+                f"output_dir '{run_dir}' has no checkpoint to resume from; drop --resume to start fresh"
+            )
+    elif has_content and not overwrite:
+        raise TuneforgeError(
+            f"output_dir '{run_dir}' already exists; pass --overwrite to replace it or --resume to continue it"
+        )
+
+
+def check_processes(cfg: Config, objective: ObjectiveRun, world: int) -> None:
+    """Refuse, in one line, a multi-process run the objective cannot do."""
+    if world <= 1:
+        return
+    name = cfg.training.objective
+    if not objective.multi_process:
+        raise TuneforgeError(
+            f"--nproc: training.objective {name} runs in one process only; multi-process "
+            "training covers objectives sft, reward and dpo"
+        )
+    if not trains_adapter(cfg.method) and not objective.shards_full:
+        raise TuneforgeError(
+            f"--nproc: method full with training.objective {name} runs in one process only "
+            "(sharded full fine-tuning covers objective sft); use an adapter method such as "
+            "lora, or one process"
+        )
+
+
+def check_report_to(report_to: str) -> None:
+    if report_to == "tensorboard":  # fail before the run folder is touched
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise TuneforgeError(
+                "training.report_to is tensorboard but the tensorboard package is not "
+                "installed; pip install 'tuneforge[tensorboard]' or set training.report_to: none"
+            ) from None
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cfg: Config, objective: ObjectiveRun, resume: bool = False, overwrite: bool = False):
+    """Train ``cfg`` with ``objective``; returns the run summary (also saved as summary.json)."""
+    return_freed_memory()  # glibc: freed tensors go back to the system (train/memory.py)
+    check_processes(cfg, objective, int(os.environ.get("WORLD_SIZE", "1")))
+    run_dir = Path(cfg.output_dir)
+    check_run_dir(run_dir, resume, overwrite)
+    check_report_to(cfg.training.report_to)
+    t = cfg.training
+    device = pick_device(t.device)
+    dist = init_from_env(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device(f"cuda:{dist.local_rank}")
+    say = log if dist.is_main else (lambda msg: None)
+    try:
+        sharded = dist.enabled and not trains_adapter(cfg.method)
+        if sharded:
+            check_fsdp_optimizer(t, device)
+        seed_everything(t.seed)
+        lm, tokenizer, resolved = load_base(cfg, device)
+        data = objective.prepare_data(cfg, tokenizer, lm)
+        lm.config.use_cache = False
+        lm = apply_method(lm, cfg.method, tokenizer)
+        prepare_for_speed(lm, t)
+        ctx = RunContext(cfg, run_dir, device, dist, tokenizer, lm, resume)
+        model = objective.wrap(ctx, data)
+        if sharded:  # FSDP2: weights, gradients and optimizer state sharded across the ranks
+            from tuneforge.train.fsdp import shard_model
+
+            shard_model(model, dist, device)
+        for line in objective.describe_data(cfg, data):
+            say(line)
+        say(
+            describe_trainable(model)
+            + (f"; {dist.world} processes" if dist.enabled else "")
+            + (" (FSDP2: parameters sharded)" if sharded else "")
+        )
+        if dist.is_main:
+            if overwrite and not resume and run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, run_dir / "config.yaml")
+            ctx.loggers = make_loggers(t.report_to, run_dir)
+        dist.barrier()
+        result = objective.fit(ctx, model, data)
+        summary = {
+            **common_summary(cfg, result, model, resolved),
+            **objective.summary(ctx, result, data),
+        }
+        full = None
+        if sharded:  # gathered onto rank 0; every rank joins
+            from tuneforge.train.fsdp import full_weights
+
+            full = full_weights(model, trainable_only=False)
+        if dist.is_main:
+            save_trained(lm, tokenizer, cfg, run_dir, state_dict=full)
+            objective.save_extra(ctx, model)
+            tmp = run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            tmp.replace(run_dir / "summary.json")
+        dist.barrier()
+    finally:
+        shutdown(dist)
+    say(objective.finished(ctx, result))
+    return summary
+
+
+def check_fsdp_optimizer(t, device: torch.device) -> None:
+    """FSDP2 needs an optimizer that updates DTensor shards: torch AdamW, not bitsandbytes'."""
+    from tuneforge.train.optimizers import effective_optimizer
+
+    if effective_optimizer(t.optimizer, device)[0] != "adamw":
+        raise TuneforgeError(
+            f"training.optimizer {t.optimizer} cannot update the sharded weights of full "
+            "fine-tuning on several processes (FSDP2); set training.optimizer: adamw, or run "
+            "in one process"
+        )
+
+
+def prepare_for_speed(model: torch.nn.Module, t) -> None:
+    """Gradient checkpointing (non-reentrant, so frozen inputs need no grad hack) and compile."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if t.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.compile:
+        for layer in base.get_decoder().layers:
+            layer.compile(dynamic=True)
+
+
+def save_trained(
+    model, tokenizer, cfg: Config, run_dir: Path, state_dict: dict | None = None
+) -> Path:
+    """Save the adapter (PEFT format) or the full model (HF folder), with the tokenizer, atomically.
+
+    ``state_dict``: the full weights of a model sharded across ranks (FSDP2), gathered on rank 0.
+    """
+    name = saved_folder(cfg.method)
+    final = run_dir / name
+    tmp = run_dir / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if state_dict is None:
+        model.save_pretrained(tmp)
+    else:
+        model.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
+
+
+def common_summary(cfg: Config, r: LoopResult, model, resolved: str) -> dict:
+    """The summary.json fields every objective writes."""
+    trainable, total = trainable_parameters(model)
+    malloc = allocator()
+    return {
+        "model": cfg.model,
+        "resolved_model": resolved,
+        "objective": cfg.training.objective,
+        "method": cfg.method.name,
+        # the dtype the base was loaded (and, for qlora, quantized) from: merge re-loads it so
+        "base_dtype": str(weights_dtype(model)).removeprefix("torch."),
+        "steps": r.global_step,
+        "total_steps": r.total_steps,
+        "stopped_early": r.stopped_early,
+        "best_step": r.best_step,
+        "eval_history": r.eval_history,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_seconds_this_process": round(r.seconds, 2),
+        "malloc": malloc,  # jemalloc when `tuneforge train` found it (train/memory.py)
+        "malloc_conf": os.environ.get("MALLOC_CONF") if malloc == "jemalloc" else None,
+        "cpu_kernels": kernels.loaded(),  # the fused CPU kernels ran (tuneforge/kernels)
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def loop_summary(r: LoopResult, data) -> dict:
+    """The summary fields of the objectives that run the shared loop over samples."""
+    return {
+        "best_eval_loss": r.best_eval_loss,
+        "last_train_loss": r.last_train_loss,
+        "train_samples": len(data.train),
+        "eval_samples": len(data.eval),
+        "truncated": data.train_stats.truncated,
+        "dropped_no_supervised_tokens": data.train_stats.dropped_no_labels,
+        "supervised_tokens": r.supervised_tokens,
+        "skipped_steps": r.skipped_steps,
+    }
