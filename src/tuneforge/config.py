@@ -241,7 +241,8 @@ class TrainingConfig:
         True,
         "Fused RMSNorm, rotary-embedding and LoRA autograd functions for Llama, Mistral and "
         "Qwen2/3 models (tuneforge/fused.py): the same numbers up to float rounding, fewer passes "
-        "over activations; false runs the models' own code.",
+        "over activations; each replaces model code only after giving its numbers on a small "
+        "check (else one warning line and the model's own code); false runs the models' own code.",
     )
     progress: bool = _f(True, "Show a progress bar (loss, lr, tokens/s, ETA).")
     # -- preference objectives (dpo, ppo, reward); see train/dpo.py, train/ppo.py, train/reward.py
