@@ -125,21 +125,21 @@ def test_trainer_picks_the_per_sample_path_for_packed_rows_and_sft_batches(tmp_p
     t = TrainingConfig(max_steps=1, batch_size=3, progress=False)
     args = (SFTObjective(), samples, [], t, tmp_path, tok.pad_token_id, torch.device("cpu"))
     packed = Trainer(model, *args, packing=True, max_length=128)
-    assert packed.varlen_sdpa
+    assert packed.plan.varlen_sdpa
     assert "cu_seq_lens_q" in packed.make_batch(packed.window(0)[0])
     assert "attention_mask" not in packed.make_batch(packed.window(0)[0])
     unpacked = Trainer(model, *args)
-    assert unpacked.varlen_sdpa and unpacked.unpadded
+    assert unpacked.plan.varlen_sdpa and unpacked.plan.unpadded
     spec = unpacked.window(0)[0]
     batch = unpacked.make_batch(spec)
     assert "attention_mask" not in batch and batch["input_ids"].shape == (
         1, sum(len(samples[i]) for i in spec))  # fmt: skip
     assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
     custom = Trainer(model, *args, collate=lambda s: collate_padded(s, tok.pad_token_id))
-    assert not custom.varlen_sdpa and "attention_mask" in custom.make_batch(spec)
+    assert not custom.plan.varlen_sdpa and "attention_mask" in custom.make_batch(spec)
     model.config._attn_implementation = "eager"
     try:
-        assert not Trainer(model, *args).varlen_sdpa
+        assert not Trainer(model, *args).plan.varlen_sdpa
     finally:
         model.config._attn_implementation = "sdpa"
 

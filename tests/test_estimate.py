@@ -278,3 +278,27 @@ def test_recommend_follows_the_choice_table(tmp_path):
     assert none.choice is None and "nothing fits" in none.reason
     with pytest.raises(TuneforgeError, match="--tasks"):
         recommend("tiny-llama", big, tasks=0)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_estimate_measures_the_trainers_batch_plan(tmp_path, dates_rows, packing):
+    """One batch plan (data/batching.py): the estimate sizes the epoch the trainer will run."""
+    from tuneforge.data.dataset import prepare_sft_data
+    from tuneforge.estimate import workload_from_config
+    from tuneforge.models import load_model
+    from tuneforge.train.loop import Trainer
+    from tuneforge.train.sft import SFTObjective
+
+    train = write_jsonl(tmp_path / "train.jsonl", dates_rows[:40])
+    cfg = tiny_config(tmp_path, train, **{"data.packing": packing, "data.max_length": 96})
+    work = workload_from_config(cfg, "cpu")
+    model, tok, _ = load_model("tiny-llama")
+    samples = prepare_sft_data(cfg.data, tok, cfg.training.seed).train
+    trainer = Trainer(
+        model, SFTObjective(), samples, [], cfg.training, tmp_path, tok.pad_token_id,
+        torch.device("cpu"), packing=packing, max_length=96,
+    )  # fmt: skip
+    shapes = trainer.plan.shapes(0)
+    assert work.micro_batches_per_epoch == len(trainer.epoch_micro_batches(0)) == len(shapes) > 1
+    assert work.tokens_per_epoch == sum(rows * length for rows, length, _ in shapes)
+    assert sorted(i for _, _, ids in shapes for i in ids) == list(range(len(samples)))

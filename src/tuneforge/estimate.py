@@ -220,21 +220,23 @@ def workload_from_config(cfg, device: str, with_data: bool = True) -> Workload:
 
 
 def _size_epoch(work: Workload, cfg) -> None:
-    """Render the training data as training would and measure every micro-batch of epoch 0."""
-    from tuneforge.data.batching import micro_batches, pack_rows
+    """Render the training data as training would and measure every micro-batch of epoch 0,
+    formed by the trainer's own batch plan (data/batching.py)."""
+    from tuneforge.data.batching import BatchPlan
     from tuneforge.data.dataset import prepare_sft_data
     from tuneforge.models import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(cfg.model), cfg.trust_remote_code)
     samples = prepare_sft_data(cfg.data, tok, cfg.training.seed).train
-    b = work.batch_size
-    if cfg.data.packing:
-        rows = pack_rows(samples, cfg.data.max_length, cfg.training.seed, 0)
-        batches = [rows[i : i + b] for i in range(0, len(rows), b)]
-        shapes = [(len(mb), cfg.data.max_length, [i for row in mb for i in row]) for mb in batches]
-    else:
-        idx = micro_batches(samples, b, cfg.training.seed, 0, cfg.data.group_by_length)
-        shapes = [(len(mb), max(len(samples[i]) for i in mb), mb) for mb in idx]
+    plan = BatchPlan(
+        samples,
+        work.batch_size,
+        cfg.training.seed,
+        packing=cfg.data.packing,
+        max_length=cfg.data.max_length,
+        group_by_length=cfg.data.group_by_length,
+    )
+    shapes = plan.shapes(0)
     sup = [sum(samples[i].supervised_token_count for i in ids) for _, _, ids in shapes]
     largest = max(range(len(shapes)), key=lambda k: (shapes[k][0] * shapes[k][1], sup[k]))
     work.batch_size, work.seq_len = shapes[largest][0], shapes[largest][1]

@@ -16,16 +16,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tuneforge.attention import cu_seq_lens
-from tuneforge.attention import register as register_varlen_sdpa
 from tuneforge.config import TrainingConfig
-from tuneforge.data.batching import (
-    collate_packed,
-    collate_padded,
-    iterate_eval,
-    micro_batches,
-    pack_rows,
-)
+from tuneforge.data.batching import BatchPlan
 from tuneforge.data.render import Sample
 from tuneforge.errors import TuneforgeError
 from tuneforge.fused import fused_ops
@@ -191,34 +183,27 @@ class Trainer:
         self.run_dir = run_dir
         self.pad_id = pad_id
         self.device = device
-        self.collate = collate or (lambda samples: collate_padded(samples, pad_id))
-        self.collate_is_default = collate is None
         self.last_eval_metrics: dict[str, float] = {}
-        self.packing = packing
         self.dist = dist or Dist()
         # FSDP2 (full fine-tuning on several ranks): every forward and backward is a collective
         self.sharded = self.dist.enabled and is_sharded(model)
-        self.group_by_length = group_by_length
-        self.max_length = max_length
         attn = str(getattr(getattr(model, "config", None), "_attn_implementation", ""))
-        self.flash_varlen = attn.startswith("flash")
-        # Packed rows without flash-attn: per-sample causal SDPA (tuneforge.attention) instead of
-        # a block-diagonal mask over the whole row; eager attention adds a float mask.
-        per_sample = attn == "sdpa" and not is_prompt_learning(model)
-        # Without packing, SFT micro-batches (the default collate) take the same path: the same
-        # samples per micro-batch, joined into one row, so no padding is computed and no mask
-        # built (the numbers are the padded batch's; tests compare them).
-        self.unpadded = not packing and self.collate_is_default and per_sample
-        self.varlen_sdpa = (packing or self.unpadded) and per_sample
-        self.additive_mask = packing and attn == "eager"
-        if self.additive_mask and is_prompt_learning(model):
-            raise TuneforgeError(
-                "training.attn_implementation: eager cannot isolate packed samples for prefix or "
-                "prompt tuning; use sdpa (the default) or set data.packing: false"
-            )
-        self._epoch_cache: dict[int, list[list]] = {}
-        # prompt tuning: each sample's soft prompt; refuses prefix tuning with flash varlen
-        self.packed_row_cost = packed_row_cost(model, self.flash_varlen) if packing else 0
+        self.plan = BatchPlan(
+            train_samples,
+            cfg.batch_size,
+            cfg.seed,
+            pad_id=pad_id,
+            world=self.dist.world,
+            packing=packing,
+            max_length=max_length,
+            group_by_length=group_by_length,
+            attention=attn,
+            prompt_learning=is_prompt_learning(model),
+            # prompt tuning: each sample's soft prompt; refuses prefix tuning with flash varlen
+            packed_row_cost=packed_row_cost(model, attn.startswith("flash")) if packing else 0,
+            collate=collate,
+            mask_dtype=weights_dtype(model),
+        )
         micro_per_epoch = len(self.epoch_micro_batches(0))
         self.steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation)
         self.total_steps = (
@@ -233,20 +218,7 @@ class Trainer:
     # -- data position -------------------------------------------------------------------------
     def epoch_micro_batches(self, epoch: int) -> list[list]:
         """Micro-batches of one epoch: lists of sample indices, or (packing) lists of rows."""
-        if epoch not in self._epoch_cache:
-            cfg = self.cfg
-            size = cfg.batch_size * self.dist.world  # a global micro-batch; each rank its slice
-            if self.packing:
-                rows = pack_rows(
-                    self.train_samples, self.max_length, cfg.seed, epoch, self.packed_row_cost
-                )
-                micro = [rows[i : i + size] for i in range(0, len(rows), size)]
-            else:
-                micro = micro_batches(
-                    self.train_samples, size, cfg.seed, epoch, self.group_by_length
-                )
-            self._epoch_cache = {epoch: micro}
-        return self._epoch_cache[epoch]
+        return self.plan.epoch(epoch)
 
     def window(self, step: int) -> list[list]:
         """Micro-batches of optimizer step ``step`` (0-based), fixed by the seed alone."""
@@ -256,34 +228,8 @@ class Trainer:
 
     def make_batch(self, spec: list, rank: int | None = None) -> dict[str, torch.Tensor] | None:
         """This rank's (or ``rank``'s) slice of a global micro-batch, collated (None if the slice
-        is empty)."""
-        b = self.cfg.batch_size
-        rank = self.dist.rank if rank is None else rank
-        spec = spec[rank * b : (rank + 1) * b]
-        if not spec:
-            return None
-        if self.packing:
-            rows = [[self.train_samples[i] for i in row] for row in spec]
-        elif self.unpadded:  # one row of the micro-batch's samples
-            rows = [[self.train_samples[i] for i in spec]]
-        else:
-            return self.collate([self.train_samples[i] for i in spec])
-        varlen = self.flash_varlen or self.varlen_sdpa
-        if varlen:
-            # Samples are told apart by their restarting positions, so the rows are joined
-            # into one: no padding to compute, and transformers' flash-attn path splits a
-            # batch by position ids only when it has a single row (_is_packed_sequence).
-            rows = [[s for row in rows for s in row]]
-        batch = collate_packed(rows, self.pad_id, varlen=varlen)
-        if self.varlen_sdpa:
-            batch["cu_seq_lens_q"] = cu_seq_lens(batch["position_ids"])
-        if self.additive_mask:  # eager attention adds the mask to the scores
-            dtype = weights_dtype(self.model)
-            zero = torch.zeros((), dtype=dtype)
-            batch["attention_mask"] = torch.where(
-                batch["attention_mask"], zero, torch.finfo(dtype).min
-            )
-        return batch
+        is empty); see ``BatchPlan``."""
+        return self.plan.make_batch(spec, self.dist.rank if rank is None else rank)
 
     def autocast(self):
         """bf16 autocast on GPUs that support it when the model runs in bf16; fp32 on CPU."""
@@ -393,14 +339,7 @@ class Trainer:
         shard = self.eval_samples[self.dist.rank :: self.dist.world]  # each rank its share
         if not shard:
             return iter(())
-        if self.collate_is_default:
-            return iterate_eval(shard, self.cfg.batch_size, self.pad_id)
-        # Same order as iterate_eval (by length), through the objective's own collate.
-        order = sorted(range(len(shard)), key=lambda i: len(shard[i]))
-        bs = self.cfg.batch_size
-        return (
-            self.collate([shard[j] for j in order[i : i + bs]]) for i in range(0, len(order), bs)
-        )
+        return self.plan.eval_batches(shard)
 
     def _eval_work(self):
         """(batch, counts) pairs of this rank's evaluation. Under FSDP2 every forward is a
@@ -413,7 +352,7 @@ class Trainer:
         if self.sharded:
             rank0 = math.ceil(len(self.eval_samples) / self.dist.world)
             for _ in range(math.ceil(rank0 / self.cfg.batch_size) - count):
-                yield self.collate(self.eval_samples[:1]), False
+                yield self.plan.collate_samples(self.eval_samples[:1]), False
 
     def _eval_due(self, step: int) -> bool:
         return eval_due(
@@ -435,16 +374,8 @@ class Trainer:
         rows or SFT micro-batches under SDPA, per-sample attention (tuneforge.attention); both
         undone on exit.
         ``run`` trains inside it; a caller stepping by hand (``train_step``) must too."""
-        with fused_ops(self.model, self.cfg.fused_ops):
-            if not self.varlen_sdpa:
-                yield
-                return
-            config = self.model.config
-            config._attn_implementation = register_varlen_sdpa()
-            try:
-                yield
-            finally:
-                config._attn_implementation = "sdpa"
+        with fused_ops(self.model, self.cfg.fused_ops), self.plan.attention_for(self.model):
+            yield
 
     def _run(self, resume: bool = False) -> LoopResult:
         cfg = self.cfg
