@@ -1,9 +1,10 @@
-"""Rewrite README's generated tables (``make readme``): the config reference from the config
+"""Rewrite the docs' generated tables (``make readme``): the config reference from the config
 dataclasses, and the methods x objectives matrix from tests/test_run_matrix.py's table with the
 per-objective settings from the code.
 
 Each table sits between its markers (``<!-- config-reference:start -->`` ... ``:end -->``,
 ``<!-- training-matrix:start -->`` ...); tests/test_readme.py fails when one is out of date.
+(The pages are docs/configuration.md and docs/methods.md.)
 """
 
 import sys
@@ -12,7 +13,6 @@ from pathlib import Path
 from tuneforge.config import config_reference
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
 
 
 def training_matrix() -> str:
@@ -48,24 +48,28 @@ def training_matrix() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"config-reference": config_reference, "training-matrix": training_matrix}
+# the page each generated table lives in -> (marker name, what makes it)
+BLOCKS = {
+    ROOT / "docs/configuration.md": ("config-reference", config_reference),
+    ROOT / "docs/methods.md": ("training-matrix", training_matrix),
+}
 
 
-def render(text: str) -> str:
-    for name, make in BLOCKS.items():
-        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = f"{head}{start}\n{make()}\n{end}{tail}"
-    return text
+def render(text: str, name: str, make) -> str:
+    """``text`` with the table between ``<!-- name:start -->`` and ``<!-- name:end -->`` redone."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{make()}\n{end}{tail}"
 
 
 def main() -> int:
-    text = README.read_text()
-    new = render(text)
-    if new != text:
-        README.write_text(new)
-        print("README.md: generated tables updated")
+    for path, (name, make) in BLOCKS.items():
+        text = path.read_text()
+        new = render(text, name, make)
+        if new != text:
+            path.write_text(new)
+            print(f"{path.relative_to(ROOT)}: {name} updated")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Every method with every objective through the one run skeleton (train/run.py), on tiny-llama,
 2 steps each, ``training.report_to: tensorboard``: each cell trains, saves, reloads and writes
 TensorBoard curves, or is refused before anything is written with one line naming the
-combination. ``MATRIX`` is the table docs/training-matrix.md shows (scripts/update_readme.py)."""
+combination. ``MATRIX`` is the table docs/methods.md shows (scripts/update_readme.py)."""
 
 from __future__ import annotations
 

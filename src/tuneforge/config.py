@@ -1,7 +1,7 @@
 """Typed configuration: YAML + dotted ``key=value`` overrides, with errors that name the key.
 
 Every field has a docstring-like ``help`` string; the same text is shown by ``--help`` and in the
-README's config reference (``tuneforge config-reference`` prints it).
+docs/configuration.md (``tuneforge config-reference`` prints it).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class MethodConfig:
     name: str = _f(
         "lora",
         "full | lora | qlora | dora | ia3 | adapter | prefix | prompt: which weights train "
-        "(qlora: LoRA on a base held in 4 bits; see the README's method table).",
+        "(qlora: LoRA on a base held in 4 bits; see docs/methods.md).",
         choices=METHODS,
     )
     r: int = _f(16, "LoRA rank (lora, qlora, dora).")

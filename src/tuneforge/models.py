@@ -238,7 +238,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """fp32 on CPU, bf16 on GPUs that support it. On a CPU bf16 weights make every element-wise
     op slower; CPUs with AMX (Sapphire Rapids and later) multiply bf16 matrices several times
     faster than fp32, but a whole LoRA step under bf16 autocast gained only ~19% on such a CPU
-    (README, Speed and memory), so ``auto`` stays exact there."""
+    (docs/performance.md), so ``auto`` stays exact there."""
     if dtype == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16

@@ -16,7 +16,7 @@ A query reads one bucket head per band and walks its chain (0.5 to 1 record per 
 signature shows the whole band equal (a 32-bit hash may collide). Adding a record writes one
 head per band; its signature and chain entries are appended through small write buffers.
 Against the same index in memory this costs about 30 syscalls per distinct record (~1 µs each):
-15-20% more CPU time for ``dedup`` on the bench (README, data tools).
+15-20% more CPU time for ``dedup`` on the bench (docs/data.md).
 """
 
 from __future__ import annotations
