@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tuneforge.attention import cu_seq_lens
+from tuneforge.attention import register as register_varlen_sdpa
 from tuneforge.data.render import IGNORE, Sample
 from tuneforge.errors import TuneforgeError
 
@@ -59,10 +61,14 @@ def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def iterate_eval(samples: list[Sample], batch_size: int, pad_id: int) -> Iterator[dict]:
+def iterate_eval(
+    samples: list, batch_size: int, pad_id: int, collate: Callable | None = None
+) -> Iterator[dict]:
+    """Eval batches: shortest first, ``batch_size`` a batch, padded (or ``collate``'s batches)."""
+    collate = collate or (lambda chunk: collate_padded(chunk, pad_id))
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
     for i in range(0, len(order), batch_size):
-        yield collate_padded([samples[j] for j in order[i : i + batch_size]], pad_id)
+        yield collate([samples[j] for j in order[i : i + batch_size]])
 
 
 # -- packing ------------------------------------------------------------------------------------
@@ -214,8 +220,6 @@ class BatchPlan:
 
     def make_batch(self, spec: list, rank: int = 0) -> dict[str, torch.Tensor] | None:
         """Rank ``rank``'s slice of a global micro-batch, collated (None if the slice is empty)."""
-        from tuneforge.attention import cu_seq_lens
-
         b = self.batch_size
         spec = spec[rank * b : (rank + 1) * b]
         if not spec:
@@ -249,20 +253,16 @@ class BatchPlan:
         if not self.varlen_sdpa:
             yield
             return
-        from tuneforge.attention import register
-
         config = model.config
-        config._attn_implementation = register()
+        config._attn_implementation = register_varlen_sdpa()
         try:
             yield
         finally:
             config._attn_implementation = "sdpa"
 
     def eval_batches(self, samples: list) -> Iterator[dict[str, torch.Tensor]]:
-        """Eval batches of ``samples``: shortest first, ``batch_size`` a batch, padded."""
-        order = sorted(range(len(samples)), key=lambda i: len(samples[i]))
-        for i in range(0, len(order), self.batch_size):
-            yield self.collate_samples([samples[j] for j in order[i : i + self.batch_size]])
+        """Eval batches of ``samples`` (``iterate_eval`` with the plan's collate)."""
+        return iterate_eval(samples, self.batch_size, self.pad_id, self.collate)
 
     def collate_samples(self, samples: list) -> dict[str, torch.Tensor]:
         """Padded rows of ``samples`` (or the custom collate's batch): eval batches too."""

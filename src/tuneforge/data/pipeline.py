@@ -51,9 +51,6 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # what each step did (also logged)
 
 
-Conversations = Prepared  # sft's items are Messages
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 

@@ -95,10 +95,12 @@ class BestKeeper:
     (the Trainer here, PPO's outer loop). ``state`` is the loop's checkpointed state dict; ``key``
     its best-value entry (``best_eval_loss``, lower is better, or ``best_eval_reward``)."""
 
-    def __init__(self, model, state: dict, key: str, patience: int, higher_is_better=False):
+    def __init__(
+        self, model, state: dict, key: str, patience: int, higher_is_better=False, best_state=None
+    ):
         self.model, self.state, self.key = model, state, key
         self.patience, self.higher = patience, higher_is_better
-        self.best_state: dict | None = None
+        self.best_state: dict | None = best_state  # restored from a checkpoint, when resuming
 
     def update(self, step: int, value: float, metrics: dict | None = None) -> bool:
         """Record an eval at ``step``; returns whether training should stop early now."""
@@ -177,11 +179,9 @@ class Trainer:
         self.model = model
         self.loggers = loggers or []  # e.g. TensorBoardLogger: .log(record), .close()
         self.objective = objective
-        self.train_samples = train_samples
         self.eval_samples = eval_samples
         self.cfg = cfg
         self.run_dir = run_dir
-        self.pad_id = pad_id
         self.device = device
         self.last_eval_metrics: dict[str, float] = {}
         self.dist = dist or Dist()
@@ -403,8 +403,9 @@ class Trainer:
                     best_state = trainable_state(self.model)
                 if self.dist.is_main:
                     _truncate_metrics(metrics_path, state["global_step"])
-        keeper = BestKeeper(self.model, state, "best_eval_loss", cfg.early_stopping_patience)
-        keeper.best_state = best_state
+        keeper = BestKeeper(
+            self.model, state, "best_eval_loss", cfg.early_stopping_patience, best_state=best_state
+        )
         self.model.train()
         bar = tqdm(
             total=self.total_steps,

@@ -401,9 +401,8 @@ class PPOTrainer:
             )
             _truncate_metrics(metrics_path, state["global_step"])
         keeper = BestKeeper(
-            self.model, state, "best_eval_reward", t.early_stopping_patience, higher_is_better=True
+            self.model, state, "best_eval_reward", t.early_stopping_patience, True, best_state
         )
-        keeper.best_state = best_state
         bar = tqdm(
             total=self.total_steps,
             initial=state["global_step"],
@@ -494,8 +493,6 @@ def save_value_head(model: PolicyWithValue, run_dir: Path) -> None:
 class PPORun(ObjectiveRun):
     """PPO in the run skeleton (train/run.py): prompt records, the policy with a value head,
     PPO's outer rollout loop (which shares the loop's eval, early-stopping and checkpoint code)."""
-
-    name = "ppo"
 
     def prepare_data(self, cfg, tokenizer, lm):
         ensure_chat_template(tokenizer)

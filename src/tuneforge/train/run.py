@@ -61,7 +61,6 @@ class RunContext:
 class ObjectiveRun:
     """What one training objective supplies to ``run``; see the module docstring."""
 
-    name = "sft"
     # Several processes (``--nproc``): data-parallel adapters for every objective that sets it;
     # full fine-tuning (FSDP2 sharding) where ``shards_full`` is set too.
     multi_process = False
@@ -134,17 +133,6 @@ def check_processes(cfg: Config, objective: ObjectiveRun, world: int) -> None:
         )
 
 
-def check_report_to(report_to: str) -> None:
-    if report_to == "tensorboard":  # fail before the run folder is touched
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError:
-            raise TuneforgeError(
-                "training.report_to is tensorboard but the tensorboard package is not "
-                "installed; pip install 'tuneforge[tensorboard]' or set training.report_to: none"
-            ) from None
-
-
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -155,13 +143,15 @@ def run(cfg: Config, objective: ObjectiveRun, resume: bool = False, overwrite: b
     check_processes(cfg, objective, int(os.environ.get("WORLD_SIZE", "1")))
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume, overwrite)
-    check_report_to(cfg.training.report_to)
     t = cfg.training
     device = pick_device(t.device)
     dist = init_from_env(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device(f"cuda:{dist.local_rank}")
     say = log if dist.is_main else (lambda msg: None)
+    # made now so a missing package fails before the run folder is touched; they write nothing
+    # before the first record (only rank 0 logs)
+    loggers = make_loggers(cfg.training.report_to, run_dir) if dist.is_main else []
     try:
         sharded = dist.enabled and not trains_adapter(cfg.method)
         if sharded:
@@ -190,7 +180,7 @@ def run(cfg: Config, objective: ObjectiveRun, resume: bool = False, overwrite: b
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, run_dir / "config.yaml")
-            ctx.loggers = make_loggers(t.report_to, run_dir)
+            ctx.loggers = loggers
         dist.barrier()
         result = objective.fit(ctx, model, data)
         summary = {

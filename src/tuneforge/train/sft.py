@@ -79,7 +79,6 @@ class SFTRun(ObjectiveRun):
     """Supervised fine-tuning in the run skeleton (train/run.py): instruction / chat records,
     rendered samples, the shared loop with packing."""
 
-    name = "sft"
     multi_process = True
     shards_full = True  # FSDP2
 
