@@ -3,7 +3,8 @@
 With ``method.name: full`` and more than one rank, ``shard_model`` applies
 ``torch.distributed.fsdp.fully_shard`` to each decoder layer, then to the root model, whose group
 holds what is left: the token embeddings, the LM head (tied to the embeddings in SmolLM2 and the
-tiny test models, so one parameter in one group) and the final norm. Each parameter becomes a
+tiny test models, so one parameter in one group), the final norm and any head an objective wraps
+around the LM (a reward model's score). Each parameter becomes a
 DTensor sharded on dim 0 across the ranks; a layer's weights are all-gathered just before its
 forward and backward and freed after, and its gradients are reduce-scattered, so each rank keeps
 1/N of the weights, gradients and AdamW moments.
@@ -39,13 +40,15 @@ from tuneforge.train.distributed import Dist
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def shard_model(model: torch.nn.Module, dist: Dist, device: torch.device) -> None:
+def shard_model(model: torch.nn.Module, dist: Dist, device: torch.device, layers=None) -> None:
     """Shard ``model`` in place with FSDP2: one group per decoder layer, then the root.
 
-    Call before the optimizer is built: it must hold the sharded (DTensor) parameters.
+    ``layers``: the decoder layers when ``model`` wraps the LM (a reward model: its score head
+    joins the root group); by default ``model.get_decoder().layers``. Call before the optimizer
+    is built: it must hold the sharded (DTensor) parameters.
     """
     mesh = init_device_mesh(device.type, (dist.world,))
-    for layer in model.get_decoder().layers:
+    for layer in model.get_decoder().layers if layers is None else layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)  # embeddings, tied LM head, final norm
     for module in model.modules():

@@ -8,6 +8,7 @@ The fast path runs the decoder once and applies the LM head only where a label i
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from tuneforge.losses import IGNORE, token_logprobs
 
@@ -15,6 +16,12 @@ from tuneforge.losses import IGNORE, token_logprobs
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def head_is_sharded(base: torch.nn.Module) -> bool:
+    """The LM head is sharded by FSDP2: only the root's forward gathers it and the embeddings,
+    which calling the decoder directly would skip."""
+    return isinstance(getattr(base.get_output_embeddings(), "weight", None), DTensor)
 
 
 def can_select(model: torch.nn.Module) -> bool:
@@ -26,6 +33,7 @@ def can_select(model: torch.nn.Module) -> bool:
     cfg = base.config
     return (
         hasattr(base, "get_decoder")
+        and not head_is_sharded(base)
         and not getattr(cfg, "final_logit_softcapping", None)
         and getattr(cfg, "logit_scale", None) in (None, 1.0)
     )

@@ -521,7 +521,7 @@ class PPORun(ObjectiveRun):
         )
         return self.trainer.run(resume=ctx.resume)
 
-    def save_extra(self, ctx, model) -> None:
+    def save_extra(self, ctx, model, weights) -> None:  # one process only: weights is None
         save_value_head(model, ctx.run_dir)
 
     def summary(self, ctx, result, data) -> dict:

@@ -28,7 +28,7 @@ class PairRun(ObjectiveRun):
     """Reward modelling or DPO in the run skeleton (train/run.py): preference records, pairs of
     samples, the shared loop with a pair collate."""
 
-    multi_process = True  # data-parallel adapters; full fine-tuning stays in one process
+    multi_process = True
 
     def __init__(self, name: str):
         self.name = name
@@ -78,9 +78,9 @@ class PairRun(ObjectiveRun):
         )
         return trainer.run(resume=ctx.resume)
 
-    def save_extra(self, ctx, model) -> None:
+    def save_extra(self, ctx, model, weights) -> None:
         if self.name == "reward":
-            model.save_head(ctx.run_dir)
+            model.save_head(ctx.run_dir, weights)
 
     def summary(self, ctx, result, data) -> dict:
         return {

@@ -49,6 +49,9 @@ class RewardModel(torch.nn.Module):
             torch.nn.init.normal_(head.weight, std=1 / math.sqrt(hidden + 1))
             torch.nn.init.zeros_(head.bias)
         self.score = head
+        # Bradley-Terry sees only score differences: the bias's gradient is zero up to rounding,
+        # which Adam would turn into full-size steps of either sign. It stays at zero.
+        head.bias.requires_grad_(False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) scalar rewards."""
@@ -57,10 +60,17 @@ class RewardModel(torch.nn.Module):
         picked = hidden[torch.arange(hidden.size(0), device=hidden.device), last]  # (B, C)
         return self.score(picked).squeeze(-1).float()
 
-    def save_head(self, run_dir: Path) -> Path:
+    def save_head(self, run_dir: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """``weights``: the full ``score.*`` tensors of a model sharded across ranks (FSDP2)."""
         path = run_dir / HEAD_FILE
         tmp = run_dir / (HEAD_FILE + ".tmp")
-        state = {k: v.detach().contiguous() for k, v in self.score.state_dict().items()}
+        if weights is None:
+            weights = {f"score.{k}": v for k, v in self.score.state_dict().items()}
+        state = {
+            k.removeprefix("score."): v.detach().contiguous()
+            for k, v in weights.items()
+            if k.startswith("score.")
+        }
         save_file(state, str(tmp), metadata={"format": "tuneforge-reward-head"})
         tmp.replace(path)
         return path

@@ -61,10 +61,8 @@ class RunContext:
 class ObjectiveRun:
     """What one training objective supplies to ``run``; see the module docstring."""
 
-    # Several processes (``--nproc``): data-parallel adapters for every objective that sets it;
-    # full fine-tuning (FSDP2 sharding) where ``shards_full`` is set too.
+    # Several processes (``--nproc``): data-parallel adapters, FSDP2-sharded full fine-tuning.
     multi_process = False
-    shards_full = False
 
     def prepare_data(self, cfg: Config, tokenizer, lm: torch.nn.Module):
         """Records -> the objective's training and eval items (raises a user's data errors)."""
@@ -81,8 +79,12 @@ class ObjectiveRun:
     def fit(self, ctx: RunContext, model: torch.nn.Module, data) -> LoopResult:
         raise NotImplementedError
 
-    def save_extra(self, ctx: RunContext, model: torch.nn.Module) -> None:
-        """Files beside the adapter / model folder (a reward or value head)."""
+    def save_extra(
+        self, ctx: RunContext, model: torch.nn.Module, weights: dict[str, torch.Tensor] | None
+    ) -> None:
+        """Files beside the adapter / model folder (a reward or value head). ``weights``: when
+        the model was sharded, the full tensors of ``model``'s own parameters outside the LM (by
+        name in ``model``), gathered on rank 0; None otherwise."""
 
     def summary(self, ctx: RunContext, result: LoopResult, data) -> dict:
         """The objective's own summary.json fields."""
@@ -125,12 +127,6 @@ def check_processes(cfg: Config, objective: ObjectiveRun, world: int) -> None:
             f"--nproc: training.objective {name} runs in one process only; multi-process "
             "training covers objectives sft, reward and dpo"
         )
-    if not trains_adapter(cfg.method) and not objective.shards_full:
-        raise TuneforgeError(
-            f"--nproc: method full with training.objective {name} runs in one process only "
-            "(sharded full fine-tuning covers objective sft); use an adapter method such as "
-            "lora, or one process"
-        )
 
 
 def log(msg: str) -> None:
@@ -167,7 +163,7 @@ def run(cfg: Config, objective: ObjectiveRun, resume: bool = False, overwrite: b
         if sharded:  # FSDP2: weights, gradients and optimizer state sharded across the ranks
             from tuneforge.train.fsdp import shard_model
 
-            shard_model(model, dist, device)
+            shard_model(model, dist, device, layers=lm.get_decoder().layers)
         for line in objective.describe_data(cfg, data):
             say(line)
         say(
@@ -187,14 +183,16 @@ def run(cfg: Config, objective: ObjectiveRun, resume: bool = False, overwrite: b
             **common_summary(cfg, result, model, resolved),
             **objective.summary(ctx, result, data),
         }
-        full = None
+        lm_weights = extra_weights = None
         if sharded:  # gathered onto rank 0; every rank joins
             from tuneforge.train.fsdp import full_weights
 
-            full = full_weights(model, trainable_only=False)
+            lm_weights, extra_weights = split_lm_weights(
+                model, lm, full_weights(model, trainable_only=False)
+            )
         if dist.is_main:
-            save_trained(lm, tokenizer, cfg, run_dir, state_dict=full)
-            objective.save_extra(ctx, model)
+            save_trained(lm, tokenizer, cfg, run_dir, state_dict=lm_weights)
+            objective.save_extra(ctx, model, extra_weights)
             tmp = run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(run_dir / "summary.json")
@@ -203,6 +201,15 @@ def run(cfg: Config, objective: ObjectiveRun, resume: bool = False, overwrite: b
         shutdown(dist)
     say(objective.finished(ctx, result))
     return summary
+
+
+def split_lm_weights(model: torch.nn.Module, lm: torch.nn.Module, weights: dict) -> tuple:
+    """(the LM's weights by its own names, the rest by ``model``'s names) from ``model``'s."""
+    if model is lm:
+        return weights, {}
+    prefix = next(name for name, m in model.named_modules() if m is lm) + "."
+    inside = {n.removeprefix(prefix): t for n, t in weights.items() if n.startswith(prefix)}
+    return inside, {n: t for n, t in weights.items() if not n.startswith(prefix)}
 
 
 def check_fsdp_optimizer(t, device: torch.device) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from tuneforge.data.batching import supervised_tokens
 from tuneforge.losses import causal_lm_loss_sum, selective_lm_loss_sum
@@ -12,11 +11,9 @@ from tuneforge.methods.peft_methods import is_prompt_learning, virtual_token_cou
 from tuneforge.methods.quantize_embed import QuantizedHead, head_weight
 from tuneforge.methods.virtual_packing import is_packed, packed_forward
 from tuneforge.train.loop import Trainer
+from tuneforge.train.policy import head_is_sharded
+from tuneforge.train.policy import unwrap as _unwrap
 from tuneforge.train.run import ObjectiveRun, loop_summary
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class SFTObjective:
@@ -43,9 +40,7 @@ class SFTObjective:
         return (
             self.selective
             and type(head) in (torch.nn.Linear, QuantizedHead)
-            # sharded by FSDP2: the root's forward gathers the embeddings and the tied head,
-            # which calling the decoder directly would skip
-            and not isinstance(getattr(head, "weight", None), DTensor)
+            and not head_is_sharded(base)
             and head.bias is None
             and not getattr(cfg, "final_logit_softcapping", None)
             and getattr(cfg, "logit_scale", None) in (None, 1.0)
@@ -80,7 +75,6 @@ class SFTRun(ObjectiveRun):
     rendered samples, the shared loop with packing."""
 
     multi_process = True
-    shards_full = True  # FSDP2
 
     def __init__(self, loss=None):
         self.loss = loss or SFTObjective()
