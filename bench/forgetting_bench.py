@@ -50,7 +50,6 @@ def main() -> int:
 
     from tuneforge.config import load_config
     from tuneforge.data.dataset import load_conversations
-    from tuneforge.eval.generate import generate
     from tuneforge.eval.metrics import exact_match
     from tuneforge.eval.perplexity import (
         BUILTIN_GENERAL_TEXT,
@@ -58,7 +57,8 @@ def main() -> int:
         samples_nll,
         text_samples,
     )
-    from tuneforge.runs import load_for_inference
+    from tuneforge.infer.generate import generate
+    from tuneforge.infer.runs import load_for_inference
     from tuneforge.train import train
 
     out = Path(args.out)

@@ -26,7 +26,7 @@ from sft_bench import LORA, MAX_LENGTH, load_everything  # noqa: E402
 
 def micro_batches(train, pad_id: int, n: int) -> list[dict]:
     """The first ``n`` micro-batches of 2 packed rows, joined into one row as the trainer does."""
-    from tuneforge.attention import cu_seq_lens
+    from tuneforge.accel.attention import cu_seq_lens
     from tuneforge.data.batching import collate_packed, pack_rows
 
     rows = pack_rows(train, MAX_LENGTH, 42, 0)
@@ -46,9 +46,9 @@ def main() -> int:
     p.add_argument("--micro-batches", type=int, default=2)
     args = p.parse_args()
 
-    from tuneforge.attention import register
+    from tuneforge.accel.attention import register
+    from tuneforge.accel.fused import fused_ops
     from tuneforge.config import MethodConfig
-    from tuneforge.fused import fused_ops
     from tuneforge.methods import apply_method
     from tuneforge.train.sft import SFTObjective
 

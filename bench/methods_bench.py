@@ -34,10 +34,10 @@ def child(method: str, steps: int, n_test: int, out: Path, work: Path) -> None:
     from tuneforge.config import load_config
     from tuneforge.data.batching import micro_batches
     from tuneforge.data.dataset import load_conversations, prepare_sft_data
-    from tuneforge.eval.generate import generate
     from tuneforge.eval.metrics import exact_match
+    from tuneforge.infer.generate import generate
+    from tuneforge.infer.runs import load_for_inference
     from tuneforge.models import load_tokenizer, resolve_model
-    from tuneforge.runs import load_for_inference
     from tuneforge.train import train
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -47,8 +47,8 @@ def stage(config: str, overrides: dict, smoke: bool) -> tuple[dict, float]:
 @torch.no_grad()
 def measure(run_or_model: str, prompts, answers, has_property, rm, max_new_tokens: int):
     """(property rate, answer-contained rate, mean reward-model score) of greedy responses."""
-    from tuneforge.eval.generate import generate
-    from tuneforge.runs import load_for_inference
+    from tuneforge.infer.generate import generate
+    from tuneforge.infer.runs import load_for_inference
     from tuneforge.train.reward import score
 
     model, tok = load_for_inference(run_or_model)
@@ -74,7 +74,7 @@ def main() -> None:
     out = Path(args.out)
     has_property = load_property()
     from tuneforge.data.preference import load_prompts
-    from tuneforge.export import merge
+    from tuneforge.infer.export import merge
     from tuneforge.train.reward import load_reward_model
 
     times = {}

@@ -1,7 +1,7 @@
 """Why tuneforge generates for prefix / prompt tuning itself: peft's generate vs the forward.
 
 For each tiny model and method, a random adapter (entries ~ N(0, 1)) generates greedily with
-``PeftModel.generate`` and with ``tuneforge.methods.generate_tokens``. At each step, the logits the
+``PeftModel.generate`` and with ``tuneforge.infer.generate.generate_tokens``. At each step, the logits the
 generator acted on are compared with ``PeftModel.forward`` over the same tokens (what training
 computes). Prints the largest absolute difference per step; numbers are printed, never asserted.
 
@@ -15,7 +15,8 @@ import warnings
 import torch
 
 from tuneforge.config import MethodConfig
-from tuneforge.methods import apply_method, generate_tokens
+from tuneforge.infer.generate import generate_tokens
+from tuneforge.methods import apply_method
 from tuneforge.models import load_model
 
 

@@ -13,7 +13,7 @@ costs and gives against the same LoRA run (configs/lora.yaml vs configs/qlora.ya
 2. The same LoRA (r 16, q/k/v/o, lr 1e-3, batch 8, seed 42) trained for the same steps on a fp32
    base and on an NF4 + double-quant base, each in its own process: peak RSS of that process
    (load + train), supervised tokens per second of training, and exact match on the 100 held-out
-   examples of examples/dates/test.jsonl (greedy, tuneforge.eval.generate + exact_match).
+   examples of examples/dates/test.jsonl (greedy, tuneforge.infer.generate + exact_match).
 
 Numbers are printed, not asserted.
 """
@@ -69,9 +69,9 @@ def child(method: str, model_ref: str, steps: int, n_test: int, work: Path) -> d
     """One training run + held-out exact match, in this process (so RSS is this run's)."""
     from tuneforge.config import load_config
     from tuneforge.data.dataset import load_conversations
-    from tuneforge.eval.generate import generate
     from tuneforge.eval.metrics import exact_match
-    from tuneforge.runs import load_for_inference
+    from tuneforge.infer.generate import generate
+    from tuneforge.infer.runs import load_for_inference
     from tuneforge.train import train
 
     torch.set_num_threads(2)

@@ -82,10 +82,10 @@ def eval_loss(model, tok, samples) -> float:
 
 
 def run_tuneforge(model, tok, train, tmp: Path, fused: bool = True) -> None:
+    from tuneforge.accel.memory import return_freed_memory
     from tuneforge.config import MethodConfig, TrainingConfig
     from tuneforge.methods import apply_method
     from tuneforge.train.loop import Trainer
-    from tuneforge.train.memory import return_freed_memory
     from tuneforge.train.sft import SFTObjective
 
     return_freed_memory()  # as `tuneforge train` does first (glibc mmap threshold)
@@ -263,8 +263,8 @@ def peak_rss_mb() -> float:
 
 
 def child(system: str, n_train: int, n_eval: int, out: Path) -> None:
-    from tuneforge import kernels
-    from tuneforge.train.memory import allocator
+    from tuneforge.accel import kernels
+    from tuneforge.accel.memory import allocator
 
     torch.manual_seed(0)
     model, tok, train, evals = load_everything(n_train, n_eval)
@@ -309,9 +309,9 @@ NAMES = {
 
 def child_env(system: str) -> dict:
     """The allocator each system runs with: tuneforge as `tuneforge train` runs (jemalloc when
-    installed, train/memory.py); the others with the system's malloc, as their users run them,
+    installed, accel/memory.py); the others with the system's malloc, as their users run them,
     unless the system is named with +jemalloc (e.g. hf+jemalloc). tuneforge+glibc opts out."""
-    from tuneforge.train.memory import CHOICE_ENV, preload_jemalloc
+    from tuneforge.accel.memory import CHOICE_ENV, preload_jemalloc
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     name, _, malloc = system.partition("+")
@@ -369,7 +369,7 @@ def main() -> int:
         return 0
     systems = args.systems.split(",")
     if any(s.startswith("tuneforge") for s in systems) and not GPU:
-        from tuneforge import kernels
+        from tuneforge.accel import kernels
 
         kernels.available()  # built once before any timing, as `make install` does (~15 s)
     peak = matmul_peak(threads)

@@ -1,5 +1,5 @@
 """Rewrite the docs' generated tables (``make readme``): the config reference from the config
-dataclasses, and the methods x objectives matrix from tests/test_run_matrix.py's table with the
+dataclasses, and the methods x objectives matrix from tests/train/test_run_matrix.py's table with the
 per-objective settings from the code.
 
 Each table sits between its markers (``<!-- config-reference:start -->`` ... ``:end -->``,
@@ -19,7 +19,7 @@ def training_matrix() -> str:
     """Which method trains with which objective (the matrix test's table), and which settings
     apply to which objective (config validation and the run skeleton)."""
     sys.path.insert(0, str(ROOT))
-    from tests.test_run_matrix import MATRIX, METHODS, OBJECTIVES
+    from tests.train.test_run_matrix import MATRIX, METHODS, OBJECTIVES
     from tuneforge.config import DATA_STEPS, Config
     from tuneforge.train import objective_run
 
@@ -43,7 +43,7 @@ def training_matrix() -> str:
         cfg = Config()
         cfg.training.objective = o
         run = objective_run(cfg)
-        cells.append("no" if not run.multi_process else "yes" if run.shards_full else "adapters")
+        cells.append("yes" if run.multi_process else "no")
     lines.append("| `--nproc N` | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -39,8 +39,8 @@ def tokenizer(builtin_path):
 
 @pytest.fixture(params=["kernels", "torch"])
 def kernel_path(request):
-    """A test twice: with the fused CPU kernels (tuneforge.kernels) and with the PyTorch path."""
-    from tuneforge import kernels
+    """A test twice: with the fused CPU kernels (tuneforge.accel.kernels) and with the PyTorch path."""
+    from tuneforge.accel import kernels
 
     if request.param == "torch":
         with kernels.disabled():

@@ -7,17 +7,35 @@ import pytest
 import torch
 
 from tuneforge.losses import (
+    IGNORE,
     bradley_terry_loss,
     dpo_loss,
     gae,
     kl_per_token,
     ppo_policy_loss,
     ppo_value_loss,
-    sequence_logprobs,
+    token_logprobs,
     whiten,
 )
 
 t = torch.tensor
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token log-probs over supervised positions, per sequence: the plain reference
+    (full logits, then select) for the policy's fast path.
+
+    Args:
+        logits: (B, T, V)
+        labels: (B, T), IGNORE where not supervised.
+
+    Returns:
+        (B,) log p(response | prompt) for each row.
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    keep = targets != IGNORE
+    logp = token_logprobs(logits[:, :-1], targets.clamp(min=0))  # (B, T-1)
+    return (logp * keep).sum(-1)
 
 
 def test_bradley_terry_by_hand():
@@ -49,6 +67,26 @@ def test_sequence_logprobs_by_hand():
     logits = torch.zeros(2, 3, 2)
     labels = t([[-100, 1, 0], [-100, -100, 1]])
     torch.testing.assert_close(sequence_logprobs(logits, labels), t([-2, -1]) * math.log(2))
+
+
+def test_policy_logprobs_equal_the_full_logits_reference():
+    """DPO's and PPO's fast path (decoder once, LM head only at labelled positions) gives the
+    sums the reference computes from the model's full logits."""
+    from tuneforge.models import load_model
+    from tuneforge.train.dpo import sequence_logps
+
+    model, _, _ = load_model("tiny-llama", dtype="float32", device="cpu")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0  # a right-padded row
+    labels = ids.clone()
+    labels[:, :5] = -100  # the prompt
+    labels[2, 9:] = -100
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        expected = sequence_logprobs(model(input_ids=ids, attention_mask=mask).logits, labels)
+        torch.testing.assert_close(sequence_logps(model, batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_gae_by_hand():

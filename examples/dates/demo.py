@@ -8,21 +8,21 @@ import sys
 import time
 from pathlib import Path
 
+from tuneforge.accel.memory import reexec_with_jemalloc
 from tuneforge.config import load_config
 from tuneforge.data.dataset import load_conversations
 from tuneforge.errors import TuneforgeError
-from tuneforge.eval.generate import generate
 from tuneforge.eval.metrics import exact_match
-from tuneforge.runs import load_for_inference
+from tuneforge.infer.generate import generate
+from tuneforge.infer.runs import load_for_inference
 from tuneforge.train import train
-from tuneforge.train.memory import reexec_with_jemalloc
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 
 
 def main() -> int:
-    reexec_with_jemalloc()  # as `tuneforge train` runs: jemalloc when installed (train/memory.py)
+    reexec_with_jemalloc()  # as `tuneforge train` runs: jemalloc when installed (accel/memory.py)
     cfg = load_config(ROOT / "configs" / "lora.yaml", sys.argv[1:])
     start = time.perf_counter()
     train(cfg, overwrite=True)

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.files import write_atomic
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -240,7 +241,7 @@ class TrainingConfig:
     fused_ops: bool = _f(
         True,
         "Fused RMSNorm, rotary-embedding and LoRA autograd functions for Llama, Mistral and "
-        "Qwen2/3 models (tuneforge/fused.py): the same numbers up to float rounding, fewer passes "
+        "Qwen2/3 models (tuneforge/accel/fused.py): the same numbers up to float rounding, fewer passes "
         "over activations; each replaces model code only after giving its numbers on a small "
         "check (else one warning line and the model's own code); false runs the models' own code.",
     )
@@ -607,7 +608,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     if not 0 < d.augment_noise < 1:
         bad("data.augment_noise", f"must be in (0, 1), got {d.augment_noise}")
     if d.mix:
-        from tuneforge.data.mix import parse_mix_config
+        from tuneforge.datatools.mix import parse_mix_config
 
         try:
             d.mix = parse_mix_config(d.mix)
@@ -764,9 +765,7 @@ def to_dict(cfg: Config) -> dict:
 
 def dump_config(cfg: Config, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_reference() -> str:

@@ -120,22 +120,6 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token log-probs over supervised positions, per sequence.
-
-    Args:
-        logits: (B, T, V)
-        labels: (B, T), IGNORE where not supervised.
-
-    Returns:
-        (B,) log p(response | prompt) for each row.
-    """
-    targets = labels[:, 1:]  # (B, T-1)
-    keep = targets != IGNORE
-    logp = token_logprobs(logits[:, :-1], targets.clamp(min=0))  # (B, T-1)
-    return (logp * keep).sum(-1)
-
-
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
     """Reward-model loss per pair: -log sigmoid(r_chosen - r_rejected).
 

@@ -18,13 +18,13 @@ import fcntl
 import importlib.util
 import io
 import os
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.files import atomic_folder
 
 BUILTIN = "smollm2-135m-instruct"
 BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -127,17 +127,15 @@ def _save_cached(model, tok, target: Path) -> None:
     output: a run that then stops on a bad input still prints one line)."""
     from transformers.utils import logging as hf_logging
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     shown = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        with atomic_folder(target) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
     finally:
         if shown:
             hf_logging.enable_progress_bar()
-    tmp.rename(target)
 
 
 def tiny_path(alias: str) -> Path:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tuneforge.attention import cu_seq_lens
-from tuneforge.attention import register as register_varlen_sdpa
+from tuneforge.accel.attention import cu_seq_lens
+from tuneforge.accel.attention import register as register_varlen_sdpa
 from tuneforge.data.render import IGNORE, Sample
 from tuneforge.errors import TuneforgeError
 
@@ -108,7 +108,7 @@ def collate_packed(
     Position ids restart at 0 for every sample. In transformers 5 with SDPA that alone does NOT
     isolate samples, so a 4D block-diagonal causal mask (B, 1, T, T) is passed too. With
     ``varlen`` no mask is built: a variable-length attention path (flash-attn's, or
-    tuneforge.attention's per-sample SDPA) finds the samples from the position ids. The first label of each sample is ignored: it would otherwise be
+    tuneforge.accel.attention's per-sample SDPA) finds the samples from the position ids. The first label of each sample is ignored: it would otherwise be
     predicted from the previous sample's last token.
     """
     T = max(sum(len(s) for s in row) for row in rows)
@@ -146,7 +146,7 @@ def collate_packed(
 @dataclass
 class BatchPlan:
     """How a run's micro-batches are formed, in one place: the trainer collates with it and the
-    memory / time estimate measures its epoch (estimate.py).
+    memory / time estimate measures its epoch (plan/estimate.py).
 
     Micro-batches are global (``batch_size`` per rank times ``world`` ranks; each rank collates
     its slice) and fixed by the seed and the epoch alone, so a resumed run replays them.
@@ -177,7 +177,7 @@ class BatchPlan:
 
     def __post_init__(self):
         self.flash_varlen = self.attention.startswith("flash")
-        # Packed rows without flash-attn: per-sample causal SDPA (tuneforge.attention) instead
+        # Packed rows without flash-attn: per-sample causal SDPA (tuneforge.accel.attention) instead
         # of a block-diagonal mask over the whole row; eager attention adds a float mask.
         per_sample = self.attention == "sdpa" and not self.prompt_learning
         # Without packing, SFT micro-batches (the default collate) take the same path: the same
@@ -249,7 +249,7 @@ class BatchPlan:
     @contextlib.contextmanager
     def attention_for(self, model) -> Iterator[None]:
         """The attention implementation the plan's batches need, on ``model`` inside the block:
-        per-sample SDPA (tuneforge.attention) for joined rows; otherwise the model's own."""
+        per-sample SDPA (tuneforge.accel.attention) for joined rows; otherwise the model's own."""
         if not self.varlen_sdpa:
             yield
             return

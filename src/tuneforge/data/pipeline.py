@@ -19,11 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tuneforge.config import DataConfig
-from tuneforge.data.augment import AugmentOptions, AugmentReport, augment_records, is_augmented
 from tuneforge.data.fields import prompt_text
 from tuneforge.data.io import Record, read_records
-from tuneforge.data.mix import mix_records
-from tuneforge.data.quality import (
+from tuneforge.data.records import Messages, to_messages
+from tuneforge.data.split import split_records
+from tuneforge.datatools.augment import AugmentOptions, AugmentReport, augment_records, is_augmented
+from tuneforge.datatools.mix import mix_records
+from tuneforge.datatools.quality import (
     CleanOptions,
     CleanReport,
     DedupReport,
@@ -31,8 +33,6 @@ from tuneforge.data.quality import (
     dedup_records,
     find_contamination,
 )
-from tuneforge.data.records import Messages, to_messages
-from tuneforge.data.split import split_records
 from tuneforge.errors import TuneforgeError
 
 
@@ -204,7 +204,7 @@ def prepare_records(
         if cfg.augment_mode != "noise":
             if model is None or tokenizer is None:
                 raise TuneforgeError("data.augment with paraphrases needs the model (pass model=)")
-            from tuneforge.data.augment import Paraphraser
+            from tuneforge.datatools.augment import Paraphraser
 
             paraphraser = Paraphraser(model, tokenizer, seed=seed)
         opts = AugmentOptions(cfg.augment, cfg.augment_mode, cfg.augment_noise, seed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from tuneforge.data.io import Record
-from tuneforge.errors import TuneforgeError
 
 ROLES = ("system", "user", "assistant")
 Messages = list[dict[str, str]]
@@ -131,10 +130,3 @@ def _chat(rec: Record) -> Messages:
         if prev["role"] == cur["role"]:
             raise rec.error(f"two '{cur['role']}' messages in a row; roles must alternate")
     return messages
-
-
-def validate_all(records: list[Record], fmt: str, system_prompt: str | None) -> list[Messages]:
-    """Messages for every record; the first bad record raises."""
-    if not records:
-        raise TuneforgeError("no records")
-    return [to_messages(r, fmt, system_prompt) for r in records]

@@ -62,7 +62,8 @@ def _template(tokenizer, messages, add_generation_prompt: bool) -> str:
     )
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
+    """Whether encoding text puts the BOS token first."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
@@ -73,7 +74,7 @@ def _adds_bos(tokenizer) -> bool:
 def _encode_pieces(tokenizer, pieces: list[str], text: str) -> list[list[int]]:
     encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
     # Exactly one BOS: prepend it only if the tokenizer wants one and the template did not write it.
-    if encoded and _adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token or "\0"):
+    if encoded and adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token or "\0"):
         encoded[0] = [tokenizer.bos_token_id, *encoded[0]]
     return encoded
 

@@ -19,11 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneforge.data.augment import is_augmented, origin_key
 from tuneforge.data.fields import dotted
 from tuneforge.data.io import Record
-from tuneforge.data.mix import quotas
-from tuneforge.data.stream import atomic_output, dumps, read_stream
+from tuneforge.datatools.augment import is_augmented, origin_key
+from tuneforge.datatools.mix import quotas
+from tuneforge.datatools.stream import atomic_output, dumps, read_stream
 from tuneforge.errors import TuneforgeError
 
 

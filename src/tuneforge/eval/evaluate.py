@@ -26,7 +26,6 @@ from tuneforge.eval.baselines import (
     verdict,
     with_few_shot,
 )
-from tuneforge.eval.generate import generate
 from tuneforge.eval.metrics import task_metrics
 from tuneforge.eval.overfitting import read_curves
 from tuneforge.eval.perplexity import (
@@ -38,7 +37,8 @@ from tuneforge.eval.perplexity import (
 )
 from tuneforge.eval.report import write_report
 from tuneforge.eval.review import score_review_sheet, write_review_sheet
-from tuneforge.runs import is_run
+from tuneforge.infer.generate import generate
+from tuneforge.infer.runs import is_run
 
 
 def _log(msg: str) -> None:
@@ -144,7 +144,7 @@ def evaluate_run(
         if e.review_baseline == "few_shot" and not shots:
             raise TuneforgeError("eval.review_baseline is few_shot but eval.few_shot_k is 0")
 
-    from tuneforge.runs import load_for_inference
+    from tuneforge.infer.runs import load_for_inference
 
     timing: dict[str, float] = {}
     start = time.perf_counter()

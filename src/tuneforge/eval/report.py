@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.eval.baselines import BASE_FEW, BASE_ZERO, TUNED, TUNED_FEW
+from tuneforge.files import write_atomic
 
 SYSTEM_ORDER = (BASE_ZERO, BASE_FEW, TUNED, TUNED_FEW)
 COLORS = {BASE_ZERO: "#9e9e9e", BASE_FEW: "#5c6bc0", TUNED: "#ef6c00", TUNED_FEW: "#2e7d32"}
@@ -275,8 +276,5 @@ def write_report(run_dir: str | Path, results: dict) -> dict[str, Path]:
     files["report.html"] = to_html(blocks, f"tuneforge eval: {results['run']}").encode("utf-8")
     written = {}
     for name, data in files.items():
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(run_dir / name)
-        written[name] = run_dir / name
+        written[name] = write_atomic(run_dir / name, data)
     return written

@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.files import write_atomic
 
 SHEET_COLUMNS = ("id", "prompt", "answer_a", "answer_b", "rating", "comment")
 KEY_COLUMNS = ("id", "fine_tuned_side", "baseline", "checksum")
@@ -38,9 +39,7 @@ def _write_csv_atomic(path: Path, header: tuple[str, ...], rows: list[list[str]]
     writer = csv.writer(buf)
     writer.writerow(header)
     writer.writerows(rows)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, buf.getvalue())
 
 
 def write_review_sheet(

@@ -33,6 +33,12 @@ def trains_adapter(method: MethodConfig | str) -> bool:
     return (method if isinstance(method, str) else method.name) != "full"
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under an adapter wrapper (peft's, or the bottleneck adapter's);
+    the injected adapter layers stay in it. ``model`` itself when it has no wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def saved_folder(method: MethodConfig | str) -> str:
     """The run folder's subfolder that holds what ``method`` trained."""
     return "adapter" if trains_adapter(method) else "model"
@@ -227,18 +233,3 @@ def check_mergeable(adapter_dir: str | Path) -> None:
             f"a {kind} adapter cannot be merged into the weights (only lora, dora and ia3 "
             "change existing weights); use the run folder itself with generate / eval"
         )
-
-
-# -- generation -----------------------------------------------------------------------------------
-def generate_tokens(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs
-) -> torch.Tensor:
-    """``model.generate`` for any method: prefix / prompt tuning go through our own path
-    (see ``peft_methods.generate_prompt_learning``)."""
-    from tuneforge.methods.peft_methods import generate_prompt_learning, is_prompt_learning
-
-    if is_prompt_learning(model):
-        return generate_prompt_learning(model, input_ids, attention_mask, **kwargs)
-    if getattr(model, "_adapters_disabled", False):  # inside disabled_adapters(): the base
-        model = model.get_base_model()
-    return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -10,9 +10,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.files import atomic_folder
+from tuneforge.infer.runs import is_run, run_base_model
 from tuneforge.methods import adapter_kind, read_adapter_config
 from tuneforge.methods.peft_methods import combine_lora_weights
-from tuneforge.runs import is_run, run_base_model
 
 
 def combine_runs(
@@ -56,9 +57,14 @@ def combine_runs(
     states = [load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in runs]
     config, tensors = combine_lora_weights(configs, states, weights)
 
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "adapter").mkdir(parents=True)
+    with atomic_folder(out) as tmp:
+        _write_combined(tmp, runs, out, config, tensors, weights, bases[0])
+    return out
+
+
+def _write_combined(tmp: Path, runs: list[Path], out: Path, config, tensors, weights, base) -> None:
+    """The combined run's files into the folder ``tmp`` (renamed to ``out`` when done)."""
+    (tmp / "adapter").mkdir()
     save_file(
         {k: v.contiguous() for k, v in tensors.items()},
         str(tmp / "adapter" / "adapter_model.safetensors"),
@@ -72,9 +78,5 @@ def combine_runs(
     run_cfg["output_dir"] = str(out)
     run_cfg["method"].update(r=config["r"], lora_alpha=config["lora_alpha"], use_rslora=False)
     (tmp / "config.yaml").write_text(yaml.safe_dump(run_cfg, sort_keys=False))
-    provenance = {"runs": [str(r) for r in runs], "weights": list(weights), "base": bases[0]}
+    provenance = {"runs": [str(r) for r in runs], "weights": list(weights), "base": base}
     (tmp / "combine.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out

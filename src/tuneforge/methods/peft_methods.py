@@ -17,9 +17,9 @@ import math
 
 import torch
 
+from tuneforge.accel.fast_dropout import use_fast_dropout
 from tuneforge.config import MethodConfig
 from tuneforge.errors import TuneforgeError
-from tuneforge.methods.fast_dropout import use_fast_dropout
 
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:

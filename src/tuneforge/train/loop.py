@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tuneforge.accel.fused import fused_ops
 from tuneforge.config import TrainingConfig
 from tuneforge.data.batching import BatchPlan
 from tuneforge.data.render import Sample
 from tuneforge.errors import TuneforgeError
-from tuneforge.fused import fused_ops
 from tuneforge.methods.peft_methods import is_prompt_learning
 from tuneforge.methods.virtual_packing import packed_row_cost
 from tuneforge.models import weights_dtype
@@ -371,7 +371,7 @@ class Trainer:
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
         """The model as training runs it: fused ops on (``training.fused_ops``) and, for packed
-        rows or SFT micro-batches under SDPA, per-sample attention (tuneforge.attention); both
+        rows or SFT micro-batches under SDPA, per-sample attention (tuneforge.accel.attention); both
         undone on exit.
         ``run`` trains inside it; a caller stepping by hand (``train_step``) must too."""
         with fused_ops(self.model, self.cfg.fused_ops), self.plan.attention_for(self.model):

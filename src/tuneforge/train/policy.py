@@ -11,11 +11,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from tuneforge.losses import IGNORE, token_logprobs
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from tuneforge.methods import unwrap
 
 
 def head_is_sharded(base: torch.nn.Module) -> bool:

@@ -23,12 +23,20 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from tuneforge.accel.fused import fused_ops
 from tuneforge.config import TrainingConfig
 from tuneforge.data.batching import epoch_order
 from tuneforge.data.preference import prepare_prompts
 from tuneforge.data.records import Messages
 from tuneforge.data.render import IGNORE, end_of_turn_ids, ensure_chat_template, render_prompt
-from tuneforge.fused import fused_ops
+from tuneforge.files import atomic_path
+from tuneforge.infer.generate import (
+    first_stop,
+    generate,
+    generate_tokens,
+    left_padded,
+    sampling_kwargs,
+)
 from tuneforge.losses import (
     entropy_from_logits,
     gae,
@@ -39,7 +47,7 @@ from tuneforge.losses import (
     token_logprobs,
     whiten,
 )
-from tuneforge.methods import trains_adapter
+from tuneforge.methods import trains_adapter, unwrap
 from tuneforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -55,7 +63,7 @@ from tuneforge.train.loop import (
     lr_lambda,
     save_due,
 )
-from tuneforge.train.policy import decoder_hidden, labelled_logprobs, unwrap
+from tuneforge.train.policy import decoder_hidden, labelled_logprobs
 from tuneforge.train.reward import make_reward
 from tuneforge.train.run import ObjectiveRun
 
@@ -219,20 +227,14 @@ class PPOTrainer:
         """Sample a response to each prompt: (prompt ids, response ids, ended with end of turn)."""
         t = self.cfg
         prompt_ids = [render_prompt(self.tokenizer, p) for p in prompts]
-        T = max(len(p) for p in prompt_ids)
-        ids = torch.full((len(prompts), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), T), dtype=torch.long)
-        for row, p in enumerate(prompt_ids):
-            ids[row, T - len(p) :] = torch.tensor(p)  # left padding for generation
-            mask[row, T - len(p) :] = 1
+        ids, mask = left_padded(prompt_ids, self.pad_id)
+        T = ids.size(1)
         self.model.eval()
-        out = self.model.lm.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            do_sample=True,
-            temperature=t.temperature,
-            top_k=0,
-            top_p=1.0,
+        out = generate_tokens(
+            self.model.lm,
+            ids.to(self.device),
+            mask.to(self.device),
+            **sampling_kwargs(t.temperature, top_p=1.0, top_k=0),  # the policy's own distribution
             max_new_tokens=t.response_length,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
@@ -240,7 +242,7 @@ class PPOTrainer:
         )
         responses, ended = [], []
         for row in out[:, T:].tolist():
-            stop = next((j for j, tok in enumerate(row) if tok in self.stop_ids), None)
+            stop = first_stop(row, self.stop_ids)
             responses.append(row if stop is None else row[: stop + 1])  # the stop is an action too
             ended.append(stop is not None)
         return prompt_ids, responses, ended
@@ -357,7 +359,6 @@ class PPOTrainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean reward of greedy responses to the eval prompts."""
-        from tuneforge.eval.generate import generate
 
         responses = generate(
             self.model.lm,
@@ -483,11 +484,9 @@ def _frozen_copy(lm: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_value_head(model: PolicyWithValue, run_dir: Path) -> None:
-    tmp = run_dir / (VALUE_HEAD_FILE + ".tmp")
-    save_file(
-        {k: v.detach().contiguous() for k, v in model.value_head.state_dict().items()}, str(tmp)
-    )
-    tmp.replace(run_dir / VALUE_HEAD_FILE)
+    state = {k: v.detach().contiguous() for k, v in model.value_head.state_dict().items()}
+    with atomic_path(run_dir / VALUE_HEAD_FILE) as tmp:
+        save_file(state, str(tmp))
 
 
 class PPORun(ObjectiveRun):

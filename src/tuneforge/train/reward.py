@@ -20,7 +20,9 @@ from tuneforge.config import TrainingConfig
 from tuneforge.data.records import Messages
 from tuneforge.data.render import render_reply
 from tuneforge.errors import TuneforgeError
+from tuneforge.files import atomic_path
 from tuneforge.losses import bradley_terry_loss
+from tuneforge.methods import unwrap
 from tuneforge.train.policy import decoder_hidden
 
 HEAD_FILE = "reward_head.safetensors"
@@ -42,7 +44,7 @@ class RewardModel(torch.nn.Module):
         super().__init__()
         self.lm = lm
         if head is None:
-            config = lm.config if hasattr(lm, "config") else lm.get_base_model().config
+            config = unwrap(lm).config
             hidden = config.hidden_size
             param = next(p for p in lm.parameters() if p.is_floating_point())  # not 4-bit codes
             head = torch.nn.Linear(hidden, 1, device=param.device, dtype=param.dtype)
@@ -62,8 +64,6 @@ class RewardModel(torch.nn.Module):
 
     def save_head(self, run_dir: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
         """``weights``: the full ``score.*`` tensors of a model sharded across ranks (FSDP2)."""
-        path = run_dir / HEAD_FILE
-        tmp = run_dir / (HEAD_FILE + ".tmp")
         if weights is None:
             weights = {f"score.{k}": v for k, v in self.score.state_dict().items()}
         state = {
@@ -71,9 +71,9 @@ class RewardModel(torch.nn.Module):
             for k, v in weights.items()
             if k.startswith("score.")
         }
-        save_file(state, str(tmp), metadata={"format": "tuneforge-reward-head"})
-        tmp.replace(path)
-        return path
+        with atomic_path(run_dir / HEAD_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": "tuneforge-reward-head"})
+        return run_dir / HEAD_FILE
 
 
 class RewardObjective:
@@ -110,7 +110,7 @@ def load_reward_model(run: str | Path, dtype: str = "auto", device: str = "auto"
     Raises:
         TuneforgeError: the folder is not a finished reward-model run.
     """
-    from tuneforge.runs import load_for_inference
+    from tuneforge.infer.runs import load_for_inference
 
     run = Path(run)
     if not is_reward_run(run):

@@ -25,9 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuneforge import kernels
+from tuneforge.accel import kernels
+from tuneforge.accel.memory import allocator, return_freed_memory
 from tuneforge.config import Config, dump_config
 from tuneforge.errors import TuneforgeError
+from tuneforge.files import atomic_folder, write_atomic
 from tuneforge.methods import (
     apply_method,
     describe_trainable,
@@ -35,12 +37,12 @@ from tuneforge.methods import (
     saved_folder,
     trainable_parameters,
     trains_adapter,
+    unwrap,
 )
 from tuneforge.models import pick_device, weights_dtype
 from tuneforge.train.checkpoint import list_checkpoints
 from tuneforge.train.distributed import Dist, init_from_env, shutdown
 from tuneforge.train.loop import LoopResult
-from tuneforge.train.memory import allocator, return_freed_memory
 from tuneforge.train.tensorboard import make_loggers
 
 
@@ -135,7 +137,7 @@ def log(msg: str) -> None:
 
 def run(cfg: Config, objective: ObjectiveRun, resume: bool = False, overwrite: bool = False):
     """Train ``cfg`` with ``objective``; returns the run summary (also saved as summary.json)."""
-    return_freed_memory()  # glibc: freed tensors go back to the system (train/memory.py)
+    return_freed_memory()  # glibc: freed tensors go back to the system (accel/memory.py)
     check_processes(cfg, objective, int(os.environ.get("WORLD_SIZE", "1")))
     run_dir = Path(cfg.output_dir)
     check_run_dir(run_dir, resume, overwrite)
@@ -193,9 +195,7 @@ def run(cfg: Config, objective: ObjectiveRun, resume: bool = False, overwrite: b
         if dist.is_main:
             save_trained(lm, tokenizer, cfg, run_dir, state_dict=lm_weights)
             objective.save_extra(ctx, model, extra_weights)
-            tmp = run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            tmp.replace(run_dir / "summary.json")
+            write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         dist.barrier()
     finally:
         shutdown(dist)
@@ -226,7 +226,7 @@ def check_fsdp_optimizer(t, device: torch.device) -> None:
 
 def prepare_for_speed(model: torch.nn.Module, t) -> None:
     """Gradient checkpointing (non-reentrant, so frozen inputs need no grad hack) and compile."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     if t.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.compile:
@@ -241,18 +241,13 @@ def save_trained(
 
     ``state_dict``: the full weights of a model sharded across ranks (FSDP2), gathered on rank 0.
     """
-    name = saved_folder(cfg.method)
-    final = run_dir / name
-    tmp = run_dir / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if state_dict is None:
-        model.save_pretrained(tmp)
-    else:
-        model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    final = run_dir / saved_folder(cfg.method)
+    with atomic_folder(final) as tmp:
+        if state_dict is None:
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
     return final
 
 
@@ -275,9 +270,9 @@ def common_summary(cfg: Config, r: LoopResult, model, resolved: str) -> dict:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "train_seconds_this_process": round(r.seconds, 2),
-        "malloc": malloc,  # jemalloc when `tuneforge train` found it (train/memory.py)
+        "malloc": malloc,  # jemalloc when `tuneforge train` found it (accel/memory.py)
         "malloc_conf": os.environ.get("MALLOC_CONF") if malloc == "jemalloc" else None,
-        "cpu_kernels": kernels.loaded(),  # the fused CPU kernels ran (tuneforge/kernels)
+        "cpu_kernels": kernels.loaded(),  # the fused CPU kernels ran (tuneforge/accel/kernels)
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 

@@ -6,13 +6,12 @@ import torch
 
 from tuneforge.data.batching import supervised_tokens
 from tuneforge.losses import causal_lm_loss_sum, selective_lm_loss_sum
-from tuneforge.methods import saved_folder
+from tuneforge.methods import saved_folder, unwrap
 from tuneforge.methods.peft_methods import is_prompt_learning, virtual_token_count
 from tuneforge.methods.quantize_embed import QuantizedHead, head_weight
 from tuneforge.methods.virtual_packing import is_packed, packed_forward
 from tuneforge.train.loop import Trainer
 from tuneforge.train.policy import head_is_sharded
-from tuneforge.train.policy import unwrap as _unwrap
 from tuneforge.train.run import ObjectiveRun, loop_summary
 
 
@@ -49,7 +48,7 @@ class SFTObjective:
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        base = _unwrap(model)
+        base = unwrap(model)
         if is_prompt_learning(model) and is_packed(batch):  # methods/virtual_packing.py
             if self._can_select(base):
                 hidden = packed_forward(model, inputs, hidden_only=True)  # (B, T, C)

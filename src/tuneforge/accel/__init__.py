@@ -1,0 +1,1 @@
+"""CPU speed: fused kernels and ops, per-sample attention, fast dropout, the allocator."""

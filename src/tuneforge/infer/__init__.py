@@ -1,0 +1,1 @@
+"""Using a trained run: loading, generation, chat, the server, merge and export."""

@@ -1,0 +1,1 @@
+"""Planning a run before it starts: memory and time estimates, recommended settings."""
