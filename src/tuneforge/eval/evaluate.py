@@ -18,6 +18,7 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.eval.baselines import (
     BASE_FEW,
     BASE_ZERO,
+    GGUF,
     TUNED,
     TUNED_FEW,
     best_prompting,
@@ -37,6 +38,7 @@ from tuneforge.eval.perplexity import (
 )
 from tuneforge.eval.report import write_report
 from tuneforge.eval.review import score_review_sheet, write_review_sheet
+from tuneforge.files import write_atomic
 from tuneforge.infer.generate import generate
 from tuneforge.infer.runs import is_run
 
@@ -105,6 +107,7 @@ def evaluate_run(
     overrides: list[str] | None = None,
     review_sheet: str | None = None,
     review_key: str | None = None,
+    gguf: str | None = None,
 ) -> dict:
     """Evaluate a run against prompting baselines; write eval.json and the report into it.
 
@@ -114,6 +117,8 @@ def evaluate_run(
         overrides: ``eval.*`` (or other) ``key=value`` overrides of the run's config.
         review_sheet: also write a blind A/B review sheet here (key file beside it).
         review_key: where to write the key file (default ``<sheet>.key.csv``).
+        gguf: also answer with this GGUF file (``tuneforge export``) through llama.cpp, with the
+            chat template stored in the file, and report it beside the fine-tuned model.
 
     Returns:
         The results (also saved as ``<run>/eval.json``).
@@ -143,6 +148,12 @@ def evaluate_run(
             raise TuneforgeError(f"{parent}: folder for --review-sheet does not exist")
         if e.review_baseline == "few_shot" and not shots:
             raise TuneforgeError("eval.review_baseline is few_shot but eval.few_shot_k is 0")
+    if gguf:
+        from tuneforge.infer.gguf_export import llama_cpp_module
+
+        if not Path(gguf).is_file():
+            raise TuneforgeError(f"--gguf {gguf}: no such file; make one with tuneforge export")
+        llama_cpp_module()
 
     from tuneforge.infer.runs import load_for_inference
 
@@ -202,6 +213,14 @@ def evaluate_run(
             scores[name]["perplexity"] = nll.perplexity
             scores[name] = {m: scores[name][m] for m in e.metrics}
 
+    gguf_result = None
+    if gguf:
+        gguf_result = _timed(
+            timing,
+            f"generate: {GGUF}",
+            lambda: _gguf_system(gguf, evalset, e, scores, predictions),
+        )
+
     forgetting = None
     if texts:
         samples = text_samples(base_tok, texts, cfg.data.max_length)
@@ -243,6 +262,7 @@ def evaluate_run(
             scores, primary, predictions, evalset.references, e.labels or None, e.seed
         ),
         "forgetting": forgetting,
+        "gguf": gguf_result,
         "overfitting": overfit,
         "prompts": [p[-1]["content"] for p in evalset.prompts],
         "references": evalset.references,
@@ -269,11 +289,42 @@ def evaluate_run(
     return results
 
 
+def _gguf_system(path: str, evalset, e, scores: dict, predictions: dict) -> dict:
+    """The exported file answers the held-out prompts through llama.cpp (its own chat template,
+    the same decoding); adds its scores and predictions, returns the deployment summary."""
+    from tuneforge.infer.gguf_export import gguf_replies
+
+    if e.temperature > 0:
+        raise TuneforgeError(
+            "--gguf compares greedy answers; set eval.temperature=0 (the default) to use it"
+        )
+    replies = gguf_replies(path, evalset.prompts, max_new_tokens=e.max_new_tokens)
+    predictions[GGUF] = [r.text for r in replies]
+    scores[GGUF] = task_metrics(
+        [m for m in e.metrics if m not in ("eval_loss", "perplexity")],
+        predictions[GGUF],
+        evalset.references,
+        e.labels,
+    )
+    not_stopped = sum(not r.stopped for r in replies)
+    primary = next(m for m in e.metrics if m in scores[GGUF]) if scores[GGUF] else None
+    same = sum(a == b for a, b in zip(predictions[GGUF], predictions[TUNED], strict=True))
+    text = f"`{Path(path).name}` through llama.cpp: "
+    if primary:
+        text += (
+            f"{primary} {scores[GGUF][primary]:.2f} against the fine-tuned model's "
+            f"{scores[TUNED][primary]:.2f}; "
+        )
+    text += (
+        f"{same} of {len(replies)} answers identical to the fine-tuned model's; "
+        f"{not_stopped} did not stop at end of turn within {e.max_new_tokens} tokens."
+    )
+    return {"file": str(path), "identical": same, "not_stopped": not_stopped, "text": text}
+
+
 def save_results(run_dir: Path, results: dict) -> dict[str, Path]:
     """eval.json + report files, each through a temporary file."""
-    tmp = run_dir / ".eval.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(run_dir / "eval.json")
+    write_atomic(run_dir / "eval.json", json.dumps(results, indent=1))
     return write_report(run_dir, results)
 
 
@@ -305,6 +356,8 @@ def summary_lines(r: dict) -> list[str]:
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(r["verdict"]["text"])
+    if r.get("gguf"):
+        lines.append(r["gguf"]["text"].replace("`", ""))
     if r["forgetting"]:
         lines.append(r["forgetting"]["text"].replace("`", ""))
     lines.append(r["overfitting"]["text"])

@@ -14,11 +14,17 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneforge.eval.baselines import BASE_FEW, BASE_ZERO, TUNED, TUNED_FEW
+from tuneforge.eval.baselines import BASE_FEW, BASE_ZERO, GGUF, TUNED, TUNED_FEW
 from tuneforge.files import write_atomic
 
-SYSTEM_ORDER = (BASE_ZERO, BASE_FEW, TUNED, TUNED_FEW)
-COLORS = {BASE_ZERO: "#9e9e9e", BASE_FEW: "#5c6bc0", TUNED: "#ef6c00", TUNED_FEW: "#2e7d32"}
+SYSTEM_ORDER = (BASE_ZERO, BASE_FEW, TUNED, TUNED_FEW, GGUF)
+COLORS = {
+    BASE_ZERO: "#9e9e9e",
+    BASE_FEW: "#5c6bc0",
+    TUNED: "#ef6c00",
+    TUNED_FEW: "#2e7d32",
+    GGUF: "#8d6e63",
+}
 
 
 @dataclass
@@ -131,6 +137,10 @@ def build_blocks(r: dict) -> list[Block]:
     png = metric_bars_png(r["scores"], [m for m in names if m not in ("eval_loss", "perplexity")])
     if png:
         b.append(Block("image", "Task metrics per system", png=png, name="eval_metrics.png"))
+
+    if r.get("gguf"):
+        b.append(Block("heading", "The exported file"))
+        b.append(Block("text", r["gguf"]["text"]))
 
     b.append(Block("heading", "Forgetting"))
     f = r.get("forgetting")
