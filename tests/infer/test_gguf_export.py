@@ -149,3 +149,16 @@ def test_export_refuses_bad_requests_in_one_line(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "pre-tokenizer is not one tuneforge can name" in r.stderr
     assert not (tmp_path / "qout").exists()
+
+
+def test_quantized_types_without_llama_cpp_are_one_line(monkeypatch):
+    """Without the gguf extra, float exports still work; quantized ones say what to install."""
+    import sys
+
+    from tuneforge.errors import TuneforgeError
+    from tuneforge.infer.gguf_export import check_quant
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp now fails
+    check_quant("f16")
+    with pytest.raises(TuneforgeError, match=r"install tuneforge\[gguf\]"):
+        check_quant("q4_k_m")

@@ -110,6 +110,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     done = export_gguf(args.run, args.out, quant=args.quant, overwrite=args.overwrite)
     size = done.gguf.stat().st_size / 2**20
     print(f"wrote {done.gguf} ({size:.1f} MiB) and {done.modelfile}")
+    if done.note:
+        print(f"note: {done.note}")
     print(f"run it: ollama create NAME -f {done.modelfile}, or llama-cli -m {done.gguf}")
     return 0
 

@@ -59,6 +59,7 @@ class Exported:
     gguf: Path
     modelfile: Path
     quant: str
+    note: str = ""  # what llama.cpp's quantizer had to say (fallback types)
 
 
 def check_quant(quant: str) -> None:
@@ -215,15 +216,42 @@ def write_gguf(model, tokenizer, tokenizer_dir: Path, path: Path, dtype: str, na
     writer.close()
 
 
-def quantize_gguf(src: Path, dst: Path, quant: str) -> None:
-    """llama.cpp's quantizer: ``src`` (an f32 GGUF file) -> ``dst`` in ``quant``."""
+def quantize_gguf(src: Path, dst: Path, quant: str) -> str:
+    """llama.cpp's quantizer: ``src`` (an f32 GGUF file) -> ``dst`` in ``quant``. Returns its
+    note on tensors that needed a fallback type (k-quants need rows that are a multiple of 256),
+    or ""; llama.cpp's log lines are kept off the terminal."""
+    import re
+
+    from llama_cpp import _logger
+
     llama_cpp = llama_cpp_module()
+    log: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        log.append(text.decode("utf-8", "replace"))
+
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(
+            str(src).encode(), str(dst).encode(), ctypes.byref(params)
+        )
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    text = "".join(log)
     if rc != 0 or not dst.is_file():
-        raise TuneforgeError(f"GGUF export: llama.cpp's quantizer failed for {quant} (status {rc})")
+        last = text.strip().splitlines()[-1] if text.strip() else f"status {rc}"
+        raise TuneforgeError(f"GGUF export: llama.cpp's quantizer failed for {quant} ({last})")
+    m = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback quantization", text)
+    if not m:
+        return ""
+    return (
+        f"{m.group(1)} of {m.group(2)} tensors took llama.cpp's fallback type (their rows are not "
+        "a multiple of the k-quant block of 256)"
+    )
 
 
 def modelfile(gguf_name: str, tokenizer, system: str | None) -> str:
@@ -277,16 +305,17 @@ def export_gguf(
         .get("data", {})
         .get("system_prompt")
     )
+    note = ""
     with atomic_folder(out) as tmp:
         if quant in FLOAT_TYPES:
             write_gguf(model, tokenizer, tokenizer_dir, tmp / file_name, quant, name)
         else:
             source = tmp / ".f32.gguf"
             write_gguf(model, tokenizer, tokenizer_dir, source, "f32", name)
-            quantize_gguf(source, tmp / file_name, quant)
+            note = quantize_gguf(source, tmp / file_name, quant)
             source.unlink()
         (tmp / "Modelfile").write_text(modelfile(file_name, tokenizer, system))
-    return Exported(out / file_name, out / "Modelfile", quant)
+    return Exported(out / file_name, out / "Modelfile", quant, note)
 
 
 @dataclass
