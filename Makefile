@@ -35,7 +35,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/dates/demo.py
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -61,7 +61,7 @@ LATEST_VENV := .venv-latest
 test-latest:
 	rm -rf $(LATEST_VENV)
 	$(MAKE) install VENV=$(LATEST_VENV) LOCK=
-	TUNEFORGE_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS)
+	TUNEFORGE_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples

@@ -77,7 +77,7 @@ def test_eval_gguf_reports_the_file_beside_the_model(builtin_run, tmp_path):
     """A full run of the built-in model, its f32 export: llama.cpp answers as transformers does."""
     rows = [json.loads(x) for x in (ROOT / "examples/dates/test.jsonl").read_text().splitlines()]
     data = tmp_path / "eval.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     done = export_gguf(builtin_run, tmp_path / "f32", quant="f32")
     r = run_cli(
         "eval",
@@ -88,7 +88,7 @@ def test_eval_gguf_reports_the_file_beside_the_model(builtin_run, tmp_path):
         str(done.gguf),
         "eval.general_text=none",
         "eval.few_shot_k=0",
-        "eval.max_new_tokens=24",
+        "eval.max_new_tokens=16",
     )
     assert r.returncode == 0, r.stderr
     results = json.loads((builtin_run / "eval.json").read_text())
@@ -98,13 +98,13 @@ def test_eval_gguf_reports_the_file_beside_the_model(builtin_run, tmp_path):
     ours, theirs = results["predictions"][system], results["predictions"]["fine-tuned"]
     assert g["identical"] == sum(a == b for a, b in zip(ours, theirs, strict=True))
     # the same weights in f32: the answers agree but for near-ties that batched decoding in
-    # transformers and llama.cpp's kernels may break differently (measured: 5 of 6)
-    assert g["identical"] >= 4, list(zip(ours, theirs, strict=True))
+    # transformers and llama.cpp's kernels may break differently (measured: 5 of the first 6)
+    assert g["identical"] >= 3, list(zip(ours, theirs, strict=True))
     assert set(results["scores"][system]) == set(results["scores"]["fine-tuned"]) - {
         "eval_loss",
         "perplexity",
     }
-    assert f"{g['not_stopped']} did not stop at end of turn within 24 tokens" in r.stdout
+    assert f"{g['not_stopped']} did not stop at end of turn within 16 tokens" in r.stdout
     assert "run.f32.gguf through llama.cpp" in r.stdout
     assert "The exported file" in (builtin_run / "report.md").read_text()
     r = run_cli("eval", str(builtin_run), "--data", str(data), "--gguf", str(tmp_path / "no.gguf"))

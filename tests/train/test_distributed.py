@@ -214,9 +214,9 @@ def test_nproc_refuses_objectives_that_run_in_one_process():
     ]
 
 
-@pytest.mark.parametrize(
-    "objective,method", [("dpo", "lora"), ("reward", "lora"), ("dpo", "full"), ("reward", "full")]
-)
+# (reward, lora) is left out for time: its head's gradient takes the same flat all-reduce as every
+# adapter weight (dpo, lora), and the head itself is covered sharded (reward, full)
+@pytest.mark.parametrize("objective,method", [("dpo", "lora"), ("dpo", "full"), ("reward", "full")])
 def test_pair_objectives_two_processes_batch_b_equal_one_process_batch_2b(
     tmp_path, objective, method
 ):

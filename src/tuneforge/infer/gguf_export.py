@@ -77,8 +77,8 @@ def llama_cpp_module():
         import llama_cpp
     except ImportError:
         raise TuneforgeError(
-            "quantized GGUF types and running GGUF files need llama-cpp-python; install "
-            "tuneforge[gguf] (`make install` does), or export with --quant f16"
+            "quantized GGUF types and running GGUF files need llama-cpp-python: install "
+            "tuneforge[gguf] (`make install` does); f32, f16 and bf16 exports work without it"
         ) from None
     return llama_cpp
 
