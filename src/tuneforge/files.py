@@ -60,6 +60,13 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
+def check_output_folder(path: str | Path, overwrite: bool) -> None:
+    """Refuse, in one line, to replace a folder (or file) that holds something, unless asked."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
+        raise TuneforgeError(f"'{path}' already exists; pass --overwrite to replace it")
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str | Path) -> Iterator[Path]:
     """A fresh temporary folder beside ``path``; when the block succeeds it replaces ``path``

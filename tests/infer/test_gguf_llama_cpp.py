@@ -107,6 +107,19 @@ def test_eval_gguf_reports_the_file_beside_the_model(builtin_run, tmp_path):
     assert f"{g['not_stopped']} did not stop at end of turn within 16 tokens" in r.stdout
     assert "run.f32.gguf through llama.cpp" in r.stdout
     assert "The exported file" in (builtin_run / "report.md").read_text()
+    r = run_cli(
+        "eval",
+        str(builtin_run),
+        "--data",
+        str(data),
+        "--gguf",
+        str(done.gguf),
+        "eval.temperature=0.7",
+    )
+    assert r.returncode == 2  # refused before any model loads
+    assert r.stderr.strip().splitlines() == [
+        "error: --gguf compares greedy answers; set eval.temperature=0 (the default) to use it"
+    ]
     r = run_cli("eval", str(builtin_run), "--data", str(data), "--gguf", str(tmp_path / "no.gguf"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [

@@ -153,6 +153,10 @@ def evaluate_run(
 
         if not Path(gguf).is_file():
             raise TuneforgeError(f"--gguf {gguf}: no such file; make one with tuneforge export")
+        if e.temperature > 0:
+            raise TuneforgeError(
+                "--gguf compares greedy answers; set eval.temperature=0 (the default) to use it"
+            )
         llama_cpp_module()
 
     from tuneforge.infer.runs import load_for_inference
@@ -294,10 +298,6 @@ def _gguf_system(path: str, evalset, e, scores: dict, predictions: dict) -> dict
     the same decoding); adds its scores and predictions, returns the deployment summary."""
     from tuneforge.infer.gguf_export import gguf_replies
 
-    if e.temperature > 0:
-        raise TuneforgeError(
-            "--gguf compares greedy answers; set eval.temperature=0 (the default) to use it"
-        )
     replies = gguf_replies(path, evalset.prompts, max_new_tokens=e.max_new_tokens)
     predictions[GGUF] = [r.text for r in replies]
     scores[GGUF] = task_metrics(

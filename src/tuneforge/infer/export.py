@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.files import atomic_folder
+from tuneforge.files import atomic_folder, check_output_folder
 from tuneforge.infer.runs import (
     is_run,
     load_quantized_run_base,
@@ -32,8 +32,7 @@ def merge(
         raise TuneforgeError(
             f"'{run}' was trained with method full; its model/ folder is already merged"
         )
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise TuneforgeError(f"'{out}' already exists; pass --overwrite to replace it")
+    check_output_folder(out, overwrite)
     merged, tokenizer, _ = merged_model(run)
     target_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         dtype

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.files import atomic_folder
+from tuneforge.files import atomic_folder, check_output_folder
 
 # quant name -> how it is written: directly by gguf (float types) or by llama.cpp's quantizer
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -58,7 +58,6 @@ PRE_TOKENIZERS = {
 class Exported:
     gguf: Path
     modelfile: Path
-    quant: str
     note: str = ""  # what llama.cpp's quantizer had to say (fallback types)
 
 
@@ -289,8 +288,7 @@ def export_gguf(
 
     run, out = Path(run), Path(out)
     check_quant(quant)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise TuneforgeError(f"'{out}' already exists; pass --overwrite to replace it")
+    check_output_folder(out, overwrite)
     model, tokenizer, tokenizer_dir = merged_model(run)
     if model.config.model_type not in ARCHITECTURES:
         raise TuneforgeError(
@@ -300,6 +298,7 @@ def export_gguf(
     pre_tokenizer(tokenizer)  # refuse before writing anything
     name = run.resolve().name
     file_name = f"{name}.{quant}.gguf"
+    # the run's config as saved, not re-validated: its data paths need not exist here
     system = (
         (yaml.safe_load((run / "config.yaml").read_text()) or {})
         .get("data", {})
@@ -315,7 +314,7 @@ def export_gguf(
             note = quantize_gguf(source, tmp / file_name, quant)
             source.unlink()
         (tmp / "Modelfile").write_text(modelfile(file_name, tokenizer, system))
-    return Exported(out / file_name, out / "Modelfile", quant, note)
+    return Exported(out / file_name, out / "Modelfile", note)
 
 
 @dataclass

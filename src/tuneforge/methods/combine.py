@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.files import atomic_folder
+from tuneforge.files import atomic_folder, check_output_folder
 from tuneforge.infer.runs import is_run, run_base_model
 from tuneforge.methods import adapter_kind, read_adapter_config
 from tuneforge.methods.peft_methods import combine_lora_weights
@@ -51,8 +51,7 @@ def combine_runs(
         raise TuneforgeError(
             f"the runs were trained on different base models ({', '.join(sorted(set(bases)))})"
         )
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise TuneforgeError(f"'{out}' already exists; pass --overwrite to replace it")
+    check_output_folder(out, overwrite)
     configs = [read_adapter_config(r / "adapter") for r in runs]
     states = [load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in runs]
     config, tensors = combine_lora_weights(configs, states, weights)

@@ -65,12 +65,12 @@ class RewardModel(torch.nn.Module):
     def save_head(self, run_dir: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
         """``weights``: the full ``score.*`` tensors of a model sharded across ranks (FSDP2)."""
         if weights is None:
-            weights = {f"score.{k}": v for k, v in self.score.state_dict().items()}
-        state = {
-            k.removeprefix("score."): v.detach().contiguous()
-            for k, v in weights.items()
-            if k.startswith("score.")
-        }
+            weights = self.score.state_dict()
+        else:
+            weights = {
+                k.removeprefix("score."): v for k, v in weights.items() if k.startswith("score.")
+            }
+        state = {k: v.detach().contiguous() for k, v in weights.items()}
         with atomic_path(run_dir / HEAD_FILE) as tmp:
             save_file(state, str(tmp), metadata={"format": "tuneforge-reward-head"})
         return run_dir / HEAD_FILE

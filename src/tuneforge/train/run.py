@@ -243,10 +243,7 @@ def save_trained(
     """
     final = run_dir / saved_folder(cfg.method)
     with atomic_folder(final) as tmp:
-        if state_dict is None:
-            model.save_pretrained(tmp)
-        else:
-            model.save_pretrained(tmp, state_dict=state_dict)
+        model.save_pretrained(tmp, state_dict=state_dict)  # None: the model's own
         tokenizer.save_pretrained(tmp)
     return final
 
