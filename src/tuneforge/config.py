@@ -27,6 +27,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 METHODS = ("full", "lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt")
+OBJECTIVES = ("sft", "reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo")
+# training.beta and training.loss_type when unset: each objective's paper / TRL default
+BETA_DEFAULTS = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1, "grpo": 0.0}
+LOSS_TYPES = {"dpo": ("sigmoid", "ipo", "hinge"), "grpo": ("dapo", "grpo", "bnpo", "dr_grpo")}
 
 
 @dataclass
@@ -127,7 +131,8 @@ class DataConfig:
     format: str = _f(
         "auto",
         "auto | instruction | chat | preference: record layout (preference: prompt, chosen, "
-        "rejected; the reward, dpo and ppo objectives read preference or prompt records).",
+        "rejected; reward, dpo, orpo and simpo read preference records, kto prompt / completion "
+        "/ label records, ppo and grpo prompt records).",
         choices=("auto", "instruction", "chat", "preference"),
     )
     max_length: int = _f(
@@ -183,8 +188,11 @@ class TrainingConfig:
     objective: str = _f(
         "sft",
         "sft: supervised fine-tuning on assistant tokens | reward: reward model (scalar head, "
-        "Bradley-Terry) | dpo: direct preference optimisation | ppo: RLHF with rollouts.",
-        choices=("sft", "reward", "dpo", "ppo"),
+        "Bradley-Terry) | dpo: direct preference optimisation | orpo, simpo: preference pairs "
+        "without a reference model | kto: single completions labelled good or bad | ppo: RLHF "
+        "with rollouts and a reward model or function | grpo: group-relative policy "
+        "optimisation with reward functions (no value head, no reward model).",
+        choices=OBJECTIVES,
     )
     learning_rate: float = _f(2.0e-4, "Peak learning rate (AdamW).")
     num_epochs: float = _f(3.0, "Passes over the training data (ignored when max_steps > 0).")
@@ -247,13 +255,34 @@ class TrainingConfig:
     )
     progress: bool = _f(True, "Show a progress bar (loss, lr, tokens/s, ETA).")
     # -- preference objectives (dpo, ppo, reward); see train/dpo.py, train/ppo.py, train/reward.py
-    beta: float = _f(
-        0.1, "dpo: strength of the tie to the reference model (beta of Rafailov et al. 2023)."
+    beta: float | None = _f(
+        None,
+        "dpo, kto: strength of the tie to the reference (beta of Rafailov et al. 2023, "
+        "Ethayarajh et al. 2024); orpo: weight of the odds-ratio term (lambda of Hong et al. "
+        "2024); simpo: reward scale (beta of Meng et al. 2024); grpo: weight of the KL term "
+        "against the reference (0: no reference pass). Unset: 0.1 (dpo, orpo, kto), 2.0 "
+        "(simpo), 0.0 (grpo).",
     )
-    loss_type: str = _f(
-        "sigmoid",
-        "dpo: sigmoid (DPO) | ipo (IPO, per-token averaged log-ratios) | hinge (SLiC).",
-        choices=("sigmoid", "ipo", "hinge"),
+    loss_type: str | None = _f(
+        None,
+        "dpo: sigmoid (DPO, the default) | ipo (IPO, per-token averaged log-ratios) | hinge "
+        "(SLiC). grpo, as TRL names them: dapo (the default: token losses summed over the step, "
+        "divided by its tokens) | grpo (per-completion means, averaged) | bnpo (per micro-batch "
+        "token means) | dr_grpo (summed, divided by completions x response_length).",
+    )
+    simpo_gamma: float = _f(
+        0.5, "simpo: target reward margin gamma (Meng et al. 2024; TRL's simpo_gamma)."
+    )
+    cpo_alpha: float = _f(
+        0.0,
+        "simpo: weight of the NLL of the chosen responses added to the loss (TRL's cpo_alpha; "
+        "0 is SimPO as published).",
+    )
+    desirable_weight: float = _f(
+        1.0, "kto: weight of the desirable (label true) examples' losses (lambda_D)."
+    )
+    undesirable_weight: float = _f(
+        1.0, "kto: weight of the undesirable (label false) examples' losses (lambda_U)."
     )
     precompute_reference: bool = _f(
         False,
@@ -268,15 +297,48 @@ class TrainingConfig:
         "ppo: rule-based reward instead of a reward model: 'module:function' or "
         "'path/file.py:function', called as f(prompts, responses) -> one float per response.",
     )
+    reward_functions: list[str] = _f(
+        [],
+        "grpo: rewards of each completion, summed with reward_weights: built-ins by name "
+        "(exact_match: the completion equals the record's 'answer' field, or exact_match:FIELD; "
+        "regex:PATTERN: the pattern matches the whole completion; json_valid: it parses as JSON; "
+        "length: minus the completion's share of response_length) or 'module:function' / "
+        "'path/file.py:function', called as f(prompts, completions, **fields) -> one float (or "
+        "None: not applicable) per completion; fields are the records' other keys, one list each.",
+    )
+    reward_weights: list[float] = _f([], "grpo: one weight per reward function (empty: all 1).")
+    num_generations: int = _f(
+        4, "grpo: completions sampled per prompt (a group; advantages are relative to it)."
+    )
+    scale_rewards: str = _f(
+        "group",
+        "grpo: group (divide advantages by the group's reward std, GRPO) | batch (by the std "
+        "of the whole rollout) | none (no scaling, Dr. GRPO).",
+        choices=("group", "batch", "none"),
+    )
+    epsilon: float = _f(
+        0.2,
+        "grpo: clip range of the probability ratio (lower side, and upper unless epsilon_high).",
+    )
+    epsilon_high: float | None = _f(
+        None, "grpo: upper clip range (DAPO's clip-higher, e.g. 0.28); unset: epsilon."
+    )
+    num_iterations: int = _f(
+        1, "grpo: optimisation passes over each rollout (mu of Shao et al. 2024)."
+    )
+    mask_truncated_completions: bool = _f(
+        False, "grpo: leave completions cut at response_length (no end of turn) out of the loss."
+    )
     rollout_batch_size: int = _f(
         16,
-        "ppo: prompts per rollout (one PPO step); a multiple of batch_size * "
-        "gradient_accumulation (one optimizer step per such mini-batch).",
+        "ppo, grpo: prompts per rollout (one step); ppo: a multiple of batch_size * "
+        "gradient_accumulation (one optimizer step per such mini-batch); grpo: prompts x "
+        "num_generations completions, a multiple of batch_size * gradient_accumulation.",
     )
     num_ppo_epochs: int = _f(2, "ppo: optimisation passes over each rollout.")
-    response_length: int = _f(64, "ppo: longest generated response, in tokens.")
+    response_length: int = _f(64, "ppo, grpo: longest generated completion, in tokens.")
     temperature: float = _f(
-        1.0, "ppo: sampling temperature of rollouts (log-probs use the same temperature)."
+        1.0, "ppo, grpo: sampling temperature of rollouts (log-probs use the same temperature)."
     )
     kl_coef: float = _f(
         0.05, "ppo: weight of the per-token KL penalty against the reference policy in the reward."
@@ -661,12 +723,33 @@ def validate_method_extras(cfg: Config, bad) -> None:
 DATA_STEPS = {
     "packing": (("sft",), "pairs and rollouts are batched as they are"),
     "augment": (("sft",), "it rewrites instructions and answers, not pairs or prompts"),
-    "clean": (("sft", "reward", "dpo"), "prompt records have no answer to check"),
+    "clean": (
+        ("sft", "reward", "dpo", "orpo", "simpo"),
+        "prompt and labelled-completion records have no answer pair to check",
+    ),
+}
+
+
+# training keys read by some objectives only -> those objectives; setting one for another
+# objective is refused (a setting is never silently ignored)
+OBJECTIVE_KEYS = {
+    "simpo_gamma": ("simpo",),
+    "cpo_alpha": ("simpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "reward_functions": ("grpo",),
+    "reward_weights": ("grpo",),
+    "num_generations": ("grpo",),
+    "scale_rewards": ("grpo",),
+    "epsilon": ("grpo",),
+    "epsilon_high": ("grpo",),
+    "num_iterations": ("grpo",),
+    "mask_truncated_completions": ("grpo",),
 }
 
 
 def _validate_preference(cfg: Config, bad) -> None:
-    """Checks for the reward / dpo / ppo objectives (only when one of them is chosen)."""
+    """Checks for the objectives other than sft (only the chosen one's keys)."""
     t, d = cfg.training, cfg.data
     for key, (objectives, why) in DATA_STEPS.items():
         if getattr(d, key) and t.objective not in objectives:
@@ -676,12 +759,49 @@ def _validate_preference(cfg: Config, bad) -> None:
                 f"applies to objective {' and '.join(objectives)} only ({why}); "
                 f"set it {off} for {t.objective}",
             )
+    defaults = TrainingConfig()
+    for key, objectives in OBJECTIVE_KEYS.items():
+        if getattr(t, key) != getattr(defaults, key) and t.objective not in objectives:
+            bad(f"training.{key}", f"applies to objective {' and '.join(objectives)} only")
+    for key, table in (("beta", BETA_DEFAULTS), ("loss_type", LOSS_TYPES)):
+        if getattr(t, key) is not None and t.objective not in table:
+            bad(f"training.{key}", f"applies to objective {', '.join(table)} only")
+    if t.objective in BETA_DEFAULTS and t.beta is None:
+        t.beta = BETA_DEFAULTS[t.objective]
+    if t.objective in LOSS_TYPES:
+        if t.loss_type is None:
+            t.loss_type = LOSS_TYPES[t.objective][0]
+        elif t.loss_type not in LOSS_TYPES[t.objective]:
+            bad(
+                "training.loss_type",
+                f"is {t.loss_type!r}; choose one of {', '.join(LOSS_TYPES[t.objective])} for "
+                f"objective {t.objective}",
+            )
     if t.objective == "sft":
         return
     if d.format not in ("auto", "preference"):
         bad("data.format", f"must be auto or preference for objective {t.objective}")
-    if t.objective == "dpo" and t.beta <= 0:
+    if t.objective == "grpo":
+        if t.beta < 0:
+            bad("training.beta", f"must be >= 0, got {t.beta}")
+    elif t.beta is not None and t.beta <= 0:
         bad("training.beta", f"must be positive, got {t.beta}")
+    nonnegative = {"simpo": ("simpo_gamma", "cpo_alpha"), "kto": ()}
+    for key in nonnegative.get(t.objective, ()):
+        if getattr(t, key) < 0:
+            bad(f"training.{key}", f"must be >= 0, got {getattr(t, key)}")
+    if t.objective == "kto":
+        for key in ("desirable_weight", "undesirable_weight"):
+            if getattr(t, key) <= 0:
+                bad(f"training.{key}", f"must be positive, got {getattr(t, key)}")
+        if t.batch_size < 2:
+            bad(
+                "training.batch_size",
+                "must be at least 2 for kto: its reference point pairs each prompt with another "
+                "example's completion in the micro-batch",
+            )
+    if t.objective == "grpo":
+        _validate_grpo(t, bad)
     if t.objective != "ppo":
         return
     if bool(t.reward_model) == bool(t.reward_function):
@@ -694,17 +814,8 @@ def _validate_preference(cfg: Config, bad) -> None:
         bad(
             "training.reward_function", f"must look like module:function, got {t.reward_function!r}"
         )
-    for key in ("rollout_batch_size", "num_ppo_epochs", "response_length"):
-        if getattr(t, key) < 1:
-            bad(f"training.{key}", f"must be at least 1, got {getattr(t, key)}")
-    minibatch = t.batch_size * t.gradient_accumulation
-    if t.rollout_batch_size % minibatch:
-        bad(
-            "training.rollout_batch_size",
-            f"({t.rollout_batch_size}) must be a multiple of batch_size * gradient_accumulation "
-            f"({minibatch})",
-        )
-    for key in ("temperature", "cliprange", "cliprange_value"):
+    _validate_rollouts(t, bad, t.rollout_batch_size, ("num_ppo_epochs",))
+    for key in ("cliprange", "cliprange_value"):
         if getattr(t, key) <= 0:
             bad(f"training.{key}", f"must be positive, got {getattr(t, key)}")
     for key in ("kl_coef", "vf_coef", "missing_eos_penalty"):
@@ -713,6 +824,56 @@ def _validate_preference(cfg: Config, bad) -> None:
     for key in ("gamma", "lam"):
         if not 0 <= getattr(t, key) <= 1:
             bad(f"training.{key}", f"must be in [0, 1], got {getattr(t, key)}")
+
+
+def _validate_rollouts(t, bad, samples: int, counts: tuple[str, ...]) -> None:
+    """The checks PPO and GRPO share: ``samples`` (responses per rollout) split into
+    optimizer-step mini-batches, counts at least 1, a positive temperature."""
+    for key in ("rollout_batch_size", "response_length", *counts):
+        if getattr(t, key) < 1:
+            bad(f"training.{key}", f"must be at least 1, got {getattr(t, key)}")
+    minibatch = t.batch_size * t.gradient_accumulation
+    if samples % minibatch:
+        per = " x num_generations" if t.objective == "grpo" else ""
+        bad(
+            "training.rollout_batch_size",
+            f"({t.rollout_batch_size}){per} = {samples} responses per rollout must be a multiple "
+            f"of batch_size * gradient_accumulation ({minibatch})",
+        )
+    if t.temperature <= 0:
+        bad("training.temperature", f"must be positive, got {t.temperature}")
+
+
+def _validate_grpo(t, bad) -> None:
+    if not t.reward_functions:
+        bad(
+            "training.reward_functions",
+            "must name at least one reward for objective grpo (e.g. [exact_match] or "
+            "['rewards.py:score'])",
+        )
+    if t.reward_weights and len(t.reward_weights) != len(t.reward_functions):
+        bad(
+            "training.reward_weights",
+            f"has {len(t.reward_weights)} weights for {len(t.reward_functions)} reward functions",
+        )
+    if t.num_generations < 2:
+        bad("training.num_generations", f"must be at least 2 (a group), got {t.num_generations}")
+    _validate_rollouts(t, bad, t.rollout_batch_size * t.num_generations, ("num_iterations",))
+    if t.epsilon <= 0:
+        bad("training.epsilon", f"must be positive, got {t.epsilon}")
+    if t.epsilon_high is not None and t.epsilon_high <= 0:
+        bad("training.epsilon_high", f"must be positive, got {t.epsilon_high}")
+    if t.reward_model or t.reward_function:
+        bad(
+            "training.reward_model",
+            "and training.reward_function are ppo's; grpo takes training.reward_functions",
+        )
+    from tuneforge.train.reward_functions import check_spec
+
+    for i, spec in enumerate(t.reward_functions):
+        problem = check_spec(spec)
+        if problem:
+            bad(f"training.reward_functions[{i}]", problem)
 
 
 def validate_eval(e: EvalConfig, source: str = "config") -> None:

@@ -299,3 +299,195 @@ def ppo_value_loss(
     clipped = (v_clipped - returns) ** 2
     loss = 0.5 * torch.maximum(unclipped, clipped)
     return (loss * m).sum(), ((clipped > unclipped).to(m.dtype) * m).sum().detach()
+
+
+# -- reference-free and unpaired preference losses ----------------------------------------------
+def orpo_loss(
+    chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The odds-ratio term of ORPO (Hong et al. 2024, eq. 6-7), per pair.
+
+    ``log_odds = log(odds(y_w) / odds(y_l))`` with ``odds(y) = p / (1 - p)`` and ``log p`` the
+    response's mean per-token log-prob; the loss is ``-beta * log sigmoid(log_odds)`` (``beta`` is
+    the paper's lambda). ORPO adds the chosen responses' NLL (the SFT term) to it; TRL's
+    ``ORPOTrainer.odds_ratio_loss`` returns ``beta * log sigmoid(log_odds)`` and subtracts it.
+
+    Returns:
+        ``(losses, log_odds)``, each (B,).
+    """
+    pc, pr = chosen_mean_logps.float(), rejected_mean_logps.float()
+    log_odds = (pc - pr) - (torch.log1p(-torch.exp(pc)) - torch.log1p(-torch.exp(pr)))
+    return -beta * F.logsigmoid(log_odds), log_odds.detach()
+
+
+def simpo_loss(
+    chosen_mean_logps: torch.Tensor,
+    rejected_mean_logps: torch.Tensor,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, eq. 6), per pair: ``-log sigmoid(beta * (m_w - m_l) - gamma)``
+    with ``m`` the response's mean per-token log-prob (no reference model); TRL's CPOTrainer
+    with ``loss_type="simpo"`` (``simpo_gamma`` = gamma), including its label smoothing."""
+    logits = beta * (chosen_mean_logps.float() - rejected_mean_logps.float()) - gamma
+    return -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
+
+
+def kto_kl(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point ``z_ref`` (Ethayarajh et al. 2024, eq. 8): the mean log-ratio of
+    mismatched (prompt, completion) pairs, clamped at 0 and detached (no gradient flows
+    through it), as TRL's ``KTOTrainer.kto_loss`` computes it per micro-batch."""
+    return (policy_kl_logps.float() - reference_kl_logps.float()).mean().clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 8), per example.
+
+    With ``r = log pi(y|x) - log ref(y|x)`` (summed over the completion) and the reference
+    point ``kl`` (``kto_kl``): a desirable example loses ``w_d * (1 - sigmoid(beta * (r - kl)))``,
+    an undesirable one ``w_u * (1 - sigmoid(beta * (kl - r)))``. The mean over examples is TRL's
+    loss.
+
+    Args:
+        desirable: (B,) bool, the label of each example.
+
+    Returns:
+        ``(losses, rewards)``, each (B,); the implicit rewards ``beta * r`` are detached.
+    """
+    r = policy_logps.float() - reference_logps.float()
+    good = 1 - torch.sigmoid(beta * (r - kl))
+    bad = 1 - torch.sigmoid(beta * (kl - r))
+    losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
+    return losses, beta * r.detach()
+
+
+# -- GRPO ------------------------------------------------------------------------------------------
+SCALE_REWARDS = ("group", "batch", "none")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Unbiased standard deviation over the non-NaN entries (NaN where fewer than two)."""
+    mean = x.nanmean() if dim is None else x.nanmean(dim, keepdim=True)
+    n = (~x.isnan()).sum() if dim is None else (~x.isnan()).sum(dim)
+    sq = (x - mean) ** 2
+    var = (sq.nansum() if dim is None else sq.nansum(dim)) / (n - 1)
+    return var.sqrt()
+
+
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's advantages (Shao et al. 2024, sec. 4.1.2): each reward minus its group's mean.
+
+    ``rewards`` (N,) holds ``num_generations`` consecutive completions per prompt; NaN marks a
+    completion no reward function could score (it stays out of its group's mean and std and gets
+    advantage 0). ``group`` divides by the group's standard deviation, ``batch`` by that of all N
+    rewards (the mean stays the group's), ``none`` leaves the scale (Dr. GRPO, Liu et al. 2025).
+    The std is unbiased and gets ``+ 1e-4``, as in TRL.
+
+    Returns:
+        ``(advantages, zero_std)``: (N,), and (N,) true where the group's rewards are all equal
+        (such a group teaches nothing: its advantages are 0).
+    """
+    rewards = rewards.float()
+    grouped = rewards.view(-1, num_generations)
+    mean = grouped.nanmean(1).repeat_interleave(num_generations)
+    group_std = nanstd(grouped, 1).repeat_interleave(num_generations)
+    advantages = rewards - mean
+    if scale_rewards == "group":
+        std = group_std
+    elif scale_rewards == "batch":
+        std = nanstd(rewards).expand_as(rewards)
+    elif scale_rewards == "none":
+        std = group_std
+    else:
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; use one of {SCALE_REWARDS}")
+    if scale_rewards != "none":
+        advantages = advantages / (std + 1e-4)
+    zero_std = torch.isclose(std, torch.zeros_like(std))
+    return torch.nan_to_num(advantages, nan=0.0), zero_std
+
+
+def grpo_token_losses(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    epsilon_low: float,
+    epsilon_high: float,
+    beta: float = 0.0,
+    reference_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GRPO's per-token loss (Shao et al. 2024, eq. 3, with DAPO's asymmetric clip).
+
+    ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)`` with
+    ``ratio = exp(logp - old_logp)``, plus ``beta * KL`` when ``beta > 0``: the k3 estimator
+    ``exp(ref - logp) - (ref - logp) - 1`` times the ratio (TRL's ``use_bias_correction_kl``; the
+    same value on-policy, an unbiased gradient off it).
+
+    Args:
+        logprobs, old_logprobs: (B, L) log-probs of the sampled tokens now and at sampling time.
+        advantages: (B,) one per completion.
+        reference_logprobs: (B, L), needed when ``beta > 0``.
+
+    Returns:
+        ``(losses, clipped, kl)``: (B, L) per-token losses, (B, L) where the clip was active
+        (the ratio left its range in the direction the advantage pushes), and the (B, L)
+        per-token KL (None when ``beta`` is 0).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    a = advantages.float().unsqueeze(1)
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * a
+    losses = -torch.min(unclipped, clipped)
+    kl = None
+    if beta != 0.0:
+        if reference_logprobs is None:
+            raise ValueError("beta > 0 needs reference_logprobs")
+        delta = reference_logprobs - logprobs
+        kl = (torch.exp(delta) - delta - 1) * ratio
+        losses = losses + beta * kl
+    hit = ((ratio < 1 - epsilon_low) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
+    return losses, hit.detach(), kl
+
+
+def grpo_loss_sum(
+    token_losses: torch.Tensor, mask: torch.Tensor, loss_type: str, response_length: int
+) -> torch.Tensor:
+    """The numerator of GRPO's loss for one micro-batch; ``grpo_units`` gives the denominator
+    (over the whole optimizer step, so 4 x 1 and 1 x 4 micro-batches give the same gradient).
+
+    * ``grpo``: each completion's mean token loss, averaged over completions (Shao et al.);
+    * ``dapo``: the sum over all tokens divided by the step's tokens (DAPO, Yu et al. 2025);
+    * ``bnpo``: the mean over each micro-batch's tokens, averaged over micro-batches (as TRL:
+      the same as ``dapo`` with one micro-batch per step);
+    * ``dr_grpo``: the sum divided by completions x ``response_length`` (Liu et al. 2025).
+    """
+    m = mask.to(token_losses.dtype)
+    summed = token_losses * m
+    if loss_type == "grpo":
+        return (summed.sum(-1) / m.sum(-1).clamp(min=1)).sum()
+    if loss_type == "dapo":
+        return summed.sum()
+    if loss_type == "bnpo":
+        return summed.sum() / m.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return summed.sum() / response_length
+    raise ValueError(f"unknown GRPO loss_type {loss_type!r}; use one of {GRPO_LOSS_TYPES}")
+
+
+def grpo_units(mask: torch.Tensor, loss_type: str) -> float:
+    """One micro-batch's share of the step's denominator: its tokens (dapo), one (bnpo: a mean
+    per micro-batch), or its completions (grpo, dr_grpo)."""
+    if loss_type == "dapo":
+        return float(mask.sum())
+    return 1.0 if loss_type == "bnpo" else float(mask.size(0))

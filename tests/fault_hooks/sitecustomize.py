@@ -3,8 +3,8 @@
 ``run_cli`` puts this folder on ``PYTHONPATH`` when a test asks for a fault, so every tuneforge
 process it starts (and the ranks ``--nproc`` starts) imports it at start-up and patches:
 
-- ``TUNEFORGE_FAULT_KILL_AT_STEP=N``: SIGKILL right after optimizer step N, before its metrics
-  line or checkpoint is written;
+- ``TUNEFORGE_FAULT_KILL_AT_STEP=N``: SIGKILL right after optimizer step N (PPO, GRPO: the
+  updates of rollout step N), before its metrics line or checkpoint is written;
 - ``TUNEFORGE_FAULT_NAN_STEPS=3,4``: those steps' losses are NaN (every micro-batch);
 - ``TUNEFORGE_FAULT_KILL_IN_CHECKPOINT=N``: SIGKILL inside the write of checkpoint ``step-N``,
   when every file is in its temporary folder but before the folder is renamed.
@@ -64,8 +64,11 @@ def poison_steps(setattr, steps: set[int]) -> None:
 
 
 def kill_at_step(setattr, n: int) -> None:
-    """SIGKILL the process once optimizer step ``n`` (1-based) has run."""
+    """SIGKILL the process once optimizer step ``n`` (1-based) has run; for PPO and GRPO, once
+    the updates of rollout step ``n`` have run."""
+    from tuneforge.train.grpo import GRPOTrainer
     from tuneforge.train.loop import Trainer
+    from tuneforge.train.ppo import PPOTrainer
 
     plain = Trainer.train_step
 
@@ -76,6 +79,19 @@ def kill_at_step(setattr, n: int) -> None:
         return out
 
     setattr(Trainer, "train_step", train_step)
+
+    for cls in (PPOTrainer, GRPOTrainer):
+        setattr(cls, "optimise", _killing_optimise(cls.optimise, n))
+
+
+def _killing_optimise(plain, n: int):
+    def optimise(self, rollout, step):
+        out = plain(self, rollout, step)
+        if step + 1 == n:
+            _kill()
+        return out
+
+    return optimise
 
 
 def kill_in_checkpoint(setattr, n: int) -> None:

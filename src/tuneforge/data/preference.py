@@ -63,37 +63,39 @@ class PreparedPairs:
 
 
 # -- validation ---------------------------------------------------------------------------------
-def prompt_messages(rec: Record, system_prompt: str | None = None, what: str = NEEDS) -> Messages:
-    """The ``prompt`` of a record as messages ending with a user turn.
+def prompt_messages(
+    rec: Record, system_prompt: str | None = None, what: str = NEEDS, key: str = "prompt"
+) -> Messages:
+    """The ``prompt`` (or ``key``) of a record as messages ending with a user turn.
 
     Raises:
         TuneforgeError: naming file, line and field.
     """
-    if "prompt" not in rec.data or rec.data["prompt"] is None:
+    if key not in rec.data or rec.data[key] is None:
         keys = ", ".join(sorted(map(str, rec.data))) or "none"
-        raise rec.error(f"'prompt' is missing ({what}; keys here: {keys})")
-    raw = rec.data["prompt"]
+        raise rec.error(f"'{key}' is missing ({what}; keys here: {keys})")
+    raw = rec.data[key]
     if isinstance(raw, str):
         if not raw.strip():
-            raise rec.error("'prompt' is empty")
+            raise rec.error(f"'{key}' is empty")
         messages = [{"role": "user", "content": raw}]
     elif isinstance(raw, list):
-        messages = _prompt_list(rec, raw)
+        messages = _prompt_list(rec, raw, key)
     else:
         raise rec.error(
-            f"'prompt' must be text or a list of {{role, content}} messages, got {type(raw).__name__}"
+            f"'{key}' must be text or a list of {{role, content}} messages, got {type(raw).__name__}"
         )
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
 
 
-def _prompt_list(rec: Record, raw: list) -> Messages:
+def _prompt_list(rec: Record, raw: list, key: str = "prompt") -> Messages:
     if not raw:
-        raise rec.error("'prompt' is an empty list of messages")
+        raise rec.error(f"'{key}' is an empty list of messages")
     messages = []
     for i, m in enumerate(raw):
-        where = f"prompt[{i}]"
+        where = f"{key}[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise rec.error(f"'{where}' must be an object with 'role' and text 'content'")
         role = m.get("role")
@@ -104,12 +106,12 @@ def _prompt_list(rec: Record, raw: list) -> Messages:
         messages.append({"role": role, "content": m["content"]})
     turns = [m for m in messages if m["role"] != "system"]
     if not turns or turns[0]["role"] != "user":
-        raise rec.error("'prompt' must start with a user message (after an optional system one)")
+        raise rec.error(f"'{key}' must start with a user message (after an optional system one)")
     if turns[-1]["role"] != "user":
-        raise rec.error("'prompt' must end with a user message (the responses answer it)")
+        raise rec.error(f"'{key}' must end with a user message (the responses answer it)")
     for prev, cur in zip(turns, turns[1:], strict=False):
         if prev["role"] == cur["role"]:
-            raise rec.error(f"'prompt' has two '{cur['role']}' messages in a row")
+            raise rec.error(f"'{key}' has two '{cur['role']}' messages in a row")
     return messages
 
 
@@ -238,13 +240,53 @@ def prepare_prompts(cfg: DataConfig, seed: int) -> tuple[list[Messages], list[Me
     return prepared.train, prepared.eval
 
 
-# -- batching -------------------------------------------------------------------------------------
-def collate_pairs(pairs: list[PairSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch of 2B rows: the B chosen samples, then the B rejected ones.
+GRPO_NEEDS = "grpo records need 'prompt' (text or messages) or 'messages' ending in a user turn"
 
-    Adds ``reference_logps`` (2B,) in the same order when every pair has them precomputed.
-    """
-    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+
+@dataclass
+class PromptRecord:
+    """A GRPO prompt: its messages, the prompt as the record gave it (what reward functions
+    get) and the record's other fields (passed to them by name, e.g. ``answer``)."""
+
+    messages: Messages
+    prompt: object
+    fields: dict
+    source: str
+
+
+def to_prompt_record(rec: Record, system_prompt: str | None = None) -> PromptRecord:
+    """Validate one GRPO prompt record (one-line errors naming file, line and field)."""
+    key = "messages" if "prompt" not in rec.data and "messages" in rec.data else "prompt"
+    messages = prompt_messages(rec, system_prompt, GRPO_NEEDS, key)
+    fields = {k: v for k, v in rec.data.items() if k != key}
+    return PromptRecord(messages, rec.data[key], fields, rec.source)
+
+
+def prepare_prompt_records(cfg: DataConfig, seed: int) -> tuple[list, list]:
+    """(train, eval) GRPO prompt records after the data steps every objective shares; every
+    record must carry the same fields (reward functions get one list per field)."""
+    from tuneforge.data.pipeline import prepare_records
+
+    prepared = prepare_records(
+        cfg, seed, lambda r: to_prompt_record(r, cfg.system_prompt), lambda p: p.messages
+    )
+    items = prepared.train + prepared.eval
+    if items:
+        first = items[0]
+        for item in items[1:]:
+            if item.fields.keys() != first.fields.keys():
+                have = ", ".join(sorted(item.fields)) or "none"
+                want = ", ".join(sorted(first.fields)) or "none"
+                raise TuneforgeError(
+                    f"{item.source}: fields {have} differ from {first.source}'s ({want}); "
+                    "every grpo record needs the same fields (reward functions get each as a list)"
+                )
+    return prepared.train, prepared.eval
+
+
+# -- batching -------------------------------------------------------------------------------------
+def pad_rows(rows: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (IGNORE past each row)."""
     T = max(len(s) for s in rows)
     input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), T), IGNORE, dtype=torch.long)
@@ -253,7 +295,15 @@ def collate_pairs(pairs: list[PairSample], pad_id: int) -> dict[str, torch.Tenso
         input_ids[i, : len(s)] = torch.tensor(s.input_ids)
         labels[i, : len(s)] = torch.tensor(s.labels)
         mask[i, : len(s)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(pairs: list[PairSample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of 2B rows: the B chosen samples, then the B rejected ones.
+
+    Adds ``reference_logps`` (2B,) in the same order when every pair has them precomputed.
+    """
+    batch = pad_rows([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     if all(p.reference_logps is not None for p in pairs):
         ref = [p.reference_logps[0] for p in pairs] + [p.reference_logps[1] for p in pairs]
         batch["reference_logps"] = torch.tensor(ref, dtype=torch.float32)

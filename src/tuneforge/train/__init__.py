@@ -24,14 +24,22 @@ def objective_run(cfg: Config, loss=None) -> ObjectiveRun:
         return SFTRun(loss)
     if loss is not None:
         raise ValueError("a custom loss object applies to objective sft")
-    if name in ("reward", "dpo"):
+    if name in ("reward", "dpo", "orpo", "simpo"):
         from tuneforge.train.preference import PairRun
 
         return PairRun(name)
+    if name == "kto":
+        from tuneforge.train.kto import KTORun
+
+        return KTORun()
     if name == "ppo":
         from tuneforge.train.ppo import PPORun
 
         return PPORun()
+    if name == "grpo":
+        from tuneforge.train.grpo import GRPORun
+
+        return GRPORun()
     raise ValueError(f"unknown objective {name}")  # config validation prevents this
 
 

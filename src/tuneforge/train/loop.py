@@ -155,6 +155,28 @@ def split_metrics(result) -> tuple[torch.Tensor, dict]:
     return result if isinstance(result, tuple) else (result, {})
 
 
+# An objective whose loss has terms with different denominators (ORPO: a mean over pairs plus
+# the chosen responses' NLL, a mean over their tokens) names them in ``unit_keys`` and returns
+# ``units(batch)`` as a dict of counts and its loss sum as a dict of tensors, both with those
+# keys; the first key is the one metrics and ``tokens`` are counted in. A plain objective
+# returns a number and a tensor.
+def add_units(a, b):
+    if isinstance(b, dict):
+        return {k: a.get(k, 0) + v for k, v in b.items()} if a else dict(b)
+    return (a or 0) + b
+
+
+def per_unit(loss_sum, units):
+    """The loss: each term divided by its units over the whole window (all micro-batches)."""
+    if isinstance(units, dict):
+        return sum(loss_sum[k] / max(units[k], 1) for k in units)
+    return loss_sum / max(units, 1)
+
+
+def main_units(units) -> float:
+    return next(iter(units.values())) if isinstance(units, dict) else units
+
+
 class Trainer:
     """Runs an objective over samples. ``objective`` has ``units(batch)`` and ``loss_sum(model, batch)``
     (see ``split_metrics`` for metrics an objective reports)."""
@@ -256,8 +278,11 @@ class Trainer:
             ]
         else:
             work = [(b, True) for b in slices if b is not None]
-        local_units = sum(self.objective.units(b) for b, counts in work if counts)
-        units = int(self.dist.all_reduce_sum(local_units))  # the whole window, all ranks
+        local = None
+        for b, counts in work:
+            if counts:
+                local = add_units(local, self.objective.units(b))
+        units = self._reduce_units(local)  # the whole window, all ranks
         total = 0.0
         metric_sums: dict[str, float] = {}
         for b, counts in work:
@@ -265,11 +290,12 @@ class Trainer:
                 loss_sum, metrics = split_metrics(
                     self.objective.loss_sum(self.model, self._to_device(b))
                 )
+            loss = per_unit(loss_sum, units)
             if not counts:  # an FSDP2 stand-in: joins the collectives, adds nothing
-                (loss_sum * 0.0).backward()
+                (loss * 0.0).backward()
                 continue
-            (loss_sum / max(units, 1)).backward()
-            total += float(loss_sum.detach())
+            loss.backward()
+            total += float(loss.detach())
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
         if self.dist.enabled and not self.sharded:  # FSDP2 reduce-scattered in backward
@@ -281,8 +307,18 @@ class Trainer:
         if self.dist.enabled:
             total = self.dist.all_reduce_sum(total)
             metric_sums = {k: self.dist.all_reduce_sum(v) for k, v in sorted(metric_sums.items())}
-        metrics = {k: v / max(units, 1) for k, v in metric_sums.items()}
-        return {"loss": total / max(units, 1), "tokens": units, "metrics": metrics}
+        n = int(main_units(units))
+        metrics = {k: v / max(n, 1) for k, v in metric_sums.items()}
+        return {"loss": total, "tokens": n, "metrics": metrics}
+
+    def _reduce_units(self, local):
+        """Units summed over the ranks (a number, or a dict of counts: see ``per_unit``)."""
+        keys = getattr(self.objective, "unit_keys", None)
+        if local is None:  # this rank's slices are all empty
+            local = dict.fromkeys(keys, 0) if keys else 0
+        if isinstance(local, dict):  # every rank reduces in the objective's key order
+            return {k: int(self.dist.all_reduce_sum(local[k])) for k in keys}
+        return int(self.dist.all_reduce_sum(local))
 
     def train_step(self, step: int) -> dict:
         out = self.accumulate_gradients(step)
@@ -315,7 +351,7 @@ class Trainer:
     def evaluate(self) -> float:
         was_training = self.model.training
         self.model.eval()
-        total, units = 0.0, 0
+        totals, units = None, None
         metric_sums: dict[str, float] = {}
         for b, counts in self._eval_work():
             with self.autocast():
@@ -324,16 +360,29 @@ class Trainer:
                 )
             if not counts:
                 continue
-            total += float(loss_sum)
-            units += self.objective.units(b)
+            parts = (
+                {k: float(v) for k, v in loss_sum.items()}
+                if isinstance(loss_sum, dict)
+                else float(loss_sum)
+            )
+            totals = add_units(totals, parts)
+            units = add_units(units, self.objective.units(b))
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-        total, units = self.dist.all_reduce_sum(total), self.dist.all_reduce_sum(units)
+        totals, units = self._reduce_sums(totals), self._reduce_units(units)
         metric_sums = {k: self.dist.all_reduce_sum(v) for k, v in sorted(metric_sums.items())}
         if was_training:
             self.model.train()
-        self.last_eval_metrics = {k: v / max(units, 1) for k, v in metric_sums.items()}
-        return total / max(units, 1)
+        n = main_units(units)
+        self.last_eval_metrics = {k: v / max(n, 1) for k, v in metric_sums.items()}
+        return float(per_unit(totals, units))
+
+    def _reduce_sums(self, local):
+        keys = getattr(self.objective, "unit_keys", None)
+        if keys:
+            local = local or {}
+            return {k: self.dist.all_reduce_sum(local.get(k, 0.0)) for k in keys}
+        return self.dist.all_reduce_sum(local or 0.0)
 
     def _eval_batches(self):
         shard = self.eval_samples[self.dist.rank :: self.dist.world]  # each rank its share

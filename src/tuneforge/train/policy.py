@@ -7,11 +7,22 @@ The fast path runs the decoder once and applies the LM head only where a label i
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch.distributed.tensor import DTensor
 
 from tuneforge.losses import IGNORE, token_logprobs
 from tuneforge.methods import unwrap
+
+
+def frozen_copy(lm: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``lm`` that never trains: the reference of full fine-tuning (PPO, KTO, GRPO)."""
+    ref = copy.deepcopy(lm)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
 
 
 def head_is_sharded(base: torch.nn.Module) -> bool:

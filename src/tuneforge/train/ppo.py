@@ -2,18 +2,14 @@
 reference policy, GAE, and clipped policy and value losses.
 
 Schulman et al. 2017 (PPO), in the RLHF setup of Ziegler et al. 2019 and Ouyang et al. 2022. PPO
-generates its own data, so it has its own outer loop; it reuses the shared loop's optimizer,
-schedule and checkpoint/resume pieces. One PPO step = one rollout of ``rollout_batch_size``
-prompts, then ``num_ppo_epochs`` passes of mini-batch updates over it.
+generates its own data: it runs in the outer loop GRPO shares (train/rollout.py). One PPO step =
+one rollout of ``rollout_batch_size`` prompts, then ``num_ppo_epochs`` passes of mini-batch
+updates over it.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import math
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,22 +17,13 @@ from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from tuneforge.accel.fused import fused_ops
 from tuneforge.config import TrainingConfig
-from tuneforge.data.batching import epoch_order
 from tuneforge.data.preference import prepare_prompts
 from tuneforge.data.records import Messages
-from tuneforge.data.render import IGNORE, end_of_turn_ids, ensure_chat_template, render_prompt
+from tuneforge.data.render import IGNORE, ensure_chat_template
 from tuneforge.files import atomic_path
-from tuneforge.infer.generate import (
-    first_stop,
-    generate,
-    generate_tokens,
-    left_padded,
-    sampling_kwargs,
-)
+from tuneforge.infer.generate import generate
 from tuneforge.losses import (
     entropy_from_logits,
     gae,
@@ -48,23 +35,9 @@ from tuneforge.losses import (
     whiten,
 )
 from tuneforge.methods import trains_adapter, unwrap
-from tuneforge.train.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-)
-from tuneforge.train.loop import (
-    BestKeeper,
-    LoopResult,
-    _truncate_metrics,
-    build_optimizer,
-    eval_due,
-    log_record,
-    lr_lambda,
-    save_due,
-)
-from tuneforge.train.policy import decoder_hidden, labelled_logprobs
+from tuneforge.train.policy import decoder_hidden
 from tuneforge.train.reward import make_reward
+from tuneforge.train.rollout import RolloutTrainer
 from tuneforge.train.run import ObjectiveRun
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -166,8 +139,10 @@ def rollout_metrics(r: Rollout) -> dict[str, float]:
     }
 
 
-class PPOTrainer:
-    """The PPO outer loop over prompts; see the module docstring."""
+class PPOTrainer(RolloutTrainer):
+    """PPO's rollouts and updates in the shared outer loop (train/rollout.py)."""
+
+    name = "ppo"
 
     def __init__(
         self,
@@ -182,89 +157,22 @@ class PPOTrainer:
         adapter: bool,
         loggers: list | None = None,
     ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.reward = reward
-        self.prompts = prompts
-        self.eval_prompts = eval_prompts
-        self.cfg = cfg
-        self.run_dir = run_dir
-        self.device = device
-        self.loggers = loggers or []  # training.report_to
-        # The reference policy: the base with the adapter disabled, or a frozen copy (full).
-        self.reference = None if adapter else _frozen_copy(model.lm)
-        self.stop_ids = end_of_turn_ids(tokenizer)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         R, mb = cfg.rollout_batch_size, cfg.batch_size * cfg.gradient_accumulation
         self.updates_per_step = cfg.num_ppo_epochs * (R // mb)
-        self.total_steps = (
-            cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * len(prompts) / R)
+        super().__init__(
+            model,
+            model.lm,
+            tokenizer,
+            prompts,
+            eval_prompts,
+            cfg,
+            run_dir,
+            device,
+            adapter,
+            self.updates_per_step,
+            loggers,
         )
-        self.optimizer = build_optimizer(model, cfg)
-        total_updates = self.total_steps * self.updates_per_step
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lr_lambda(cfg.lr_scheduler, int(cfg.warmup_ratio * total_updates), total_updates),
-        )
-
-    # -- rollout ----------------------------------------------------------------------------------
-    def prompts_for(self, step: int) -> list[Messages]:
-        """The step's prompts: consecutive slices of per-epoch shuffles, fixed by the seed."""
-        n, R = len(self.prompts), self.cfg.rollout_batch_size
-        orders: dict[int, list[int]] = {}
-        out = []
-        for i in range(step * R, (step + 1) * R):
-            epoch, k = divmod(i, n)
-            if epoch not in orders:
-                orders[epoch] = epoch_order(n, self.cfg.seed, epoch)
-            out.append(self.prompts[orders[epoch][k]])
-        return out
-
-    @torch.no_grad()
-    def sample(
-        self, prompts: list[Messages]
-    ) -> tuple[list[list[int]], list[list[int]], list[bool]]:
-        """Sample a response to each prompt: (prompt ids, response ids, ended with end of turn)."""
-        t = self.cfg
-        prompt_ids = [render_prompt(self.tokenizer, p) for p in prompts]
-        ids, mask = left_padded(prompt_ids, self.pad_id)
-        T = ids.size(1)
-        self.model.eval()
-        out = generate_tokens(
-            self.model.lm,
-            ids.to(self.device),
-            mask.to(self.device),
-            **sampling_kwargs(t.temperature, top_p=1.0, top_k=0),  # the policy's own distribution
-            max_new_tokens=t.response_length,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.pad_id,
-            use_cache=True,
-        )
-        responses, ended = [], []
-        for row in out[:, T:].tolist():
-            stop = first_stop(row, self.stop_ids)
-            responses.append(row if stop is None else row[: stop + 1])  # the stop is an action too
-            ended.append(stop is not None)
-        return prompt_ids, responses, ended
-
-    def _rows(self, prompt_ids, response_ids) -> dict[str, torch.Tensor]:
-        seqs = [p + r for p, r in zip(prompt_ids, response_ids, strict=True)]
-        T = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(seqs), T), dtype=torch.long)
-        for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
-            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            labels[i, len(p) : len(p) + len(r)] = torch.tensor(r)
-            mask[i, : len(p) + len(r)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    @torch.no_grad()
-    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.reference is not None:
-            return labelled_logprobs(self.reference, batch, self.cfg.temperature)
-        with self.model.lm.disable_adapter():
-            return labelled_logprobs(self.model.lm, batch, self.cfg.temperature)
+        self.reward = reward
 
     @torch.no_grad()
     def make_rollout(self, step: int) -> Rollout:
@@ -272,7 +180,7 @@ class PPOTrainer:
         t = self.cfg
         prompts = self.prompts_for(step)
         prompt_ids, response_ids, ended = self.sample(prompts)
-        batch = {k: v.to(self.device) for k, v in self._rows(prompt_ids, response_ids).items()}
+        batch = self.rows(prompt_ids, response_ids)
         self.model.eval()
         logprobs, values, entropy = self.model(batch, t.temperature)
         ref_logprobs = self.reference_logprobs(batch)
@@ -357,130 +265,19 @@ class PPOTrainer:
         }
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> tuple[float, dict]:
         """Mean reward of greedy responses to the eval prompts."""
-
         responses = generate(
-            self.model.lm,
+            self.policy,
             self.tokenizer,
             self.eval_prompts,
             max_new_tokens=self.cfg.response_length,
             batch_size=self.cfg.rollout_batch_size,
         )
-        return float(self.reward(self.eval_prompts, responses).mean())
+        return float(self.reward(self.eval_prompts, responses).mean()), {}
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """PPO steps per pass over the prompts."""
-        return max(1, len(self.prompts) // self.cfg.rollout_batch_size)
-
-    def _eval_due(self, step: int) -> bool:
-        has_eval = bool(self.eval_prompts)
-        return eval_due(step, self.total_steps, self.steps_per_epoch, self.cfg, has_eval)
-
-    def _save_due(self, step: int, evaluated: bool) -> bool:
-        has_eval = bool(self.eval_prompts)
-        last = not has_eval and step == self.total_steps  # a rollout step is costly: keep it
-        return save_due(step, self.steps_per_epoch, self.cfg, has_eval, evaluated) or last
-
-    # -- the loop -----------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> LoopResult:
-        with fused_ops(self.model.lm, self.cfg.fused_ops):
-            return self._run(resume)
-
-    def _run(self, resume: bool = False) -> LoopResult:
-        t = self.cfg
-        metrics_path = self.run_dir / "metrics.jsonl"
-        ckpt_root = self.run_dir / "checkpoints"
-        state = {"global_step": 0, "best_eval_reward": None, "best_step": None, "bad_evals": 0}
-        state.update(eval_history=[], stopped_early=False)
-        best_state = None
-        if resume:
-            ckpts = list_checkpoints(ckpt_root)
-            state, best_state = load_checkpoint(
-                ckpts[-1], self.model, self.optimizer, self.scheduler
-            )
-            _truncate_metrics(metrics_path, state["global_step"])
-        keeper = BestKeeper(
-            self.model, state, "best_eval_reward", t.early_stopping_patience, True, best_state
-        )
-        bar = tqdm(
-            total=self.total_steps,
-            initial=state["global_step"],
-            disable=not t.progress,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            desc="ppo",
-        )
-        start = time.perf_counter()
-        first = self.total_steps if state["stopped_early"] else state["global_step"]
-        with open(metrics_path, "a") as log:
-            for step in range(first, self.total_steps):
-                t0 = time.perf_counter()
-                lr = self.scheduler.get_last_lr()[0]
-                rollout = self.make_rollout(step)
-                stats = self.optimise(rollout, step)
-                state["global_step"] = step + 1
-                record = {"step": step + 1, **rollout_metrics(rollout), **stats, "lr": lr}
-                record = {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
-                record["seconds"] = round(time.perf_counter() - t0, 2)
-                if (step + 1) % t.logging_steps == 0 or step + 1 == self.total_steps:
-                    log_record(log, self.loggers, record)
-                bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
-                bar.update(1)
-                evaluated = self._eval_due(step + 1)
-                if evaluated:
-                    value = self.evaluate()
-                    state["stopped_early"] = keeper.update(step + 1, value)
-                    log_record(
-                        log,
-                        self.loggers,
-                        {
-                            "step": step + 1,
-                            "eval_reward": round(value, 6),
-                            "best_step": state["best_step"],
-                        },
-                    )
-                    bar.write(f"step {step + 1}: eval reward {value:.4f}")
-                log.flush()
-                if self._save_due(step + 1, evaluated) or state["stopped_early"]:
-                    save_checkpoint(
-                        ckpt_root,
-                        step + 1,
-                        self.model,
-                        self.optimizer,
-                        self.scheduler,
-                        state,
-                        keeper.for_checkpoint(step + 1),
-                        t.save_total_limit,
-                    )
-                if state["stopped_early"]:
-                    bar.write(
-                        f"early stopping: no eval improvement in {t.early_stopping_patience} evaluations"
-                    )
-                    break
-        bar.close()
-        for logger in self.loggers:
-            logger.close()
-        keeper.restore_best()  # keep the best weights
-        best = state["best_eval_reward"]
-        return LoopResult(
-            global_step=state["global_step"],
-            total_steps=self.total_steps,
-            stopped_early=state["stopped_early"],
-            best_step=state["best_step"],
-            eval_history=[tuple(x) for x in state["eval_history"]],
-            seconds=time.perf_counter() - start,
-            best_eval_metrics={} if best is None else {"reward": best},
-        )
-
-
-def _frozen_copy(lm: torch.nn.Module) -> torch.nn.Module:
-    ref = copy.deepcopy(lm)
-    ref.eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+    def rollout_metrics(self, rollout: Rollout) -> dict[str, float]:
+        return rollout_metrics(rollout)
 
 
 def save_value_head(model: PolicyWithValue, run_dir: Path) -> None:

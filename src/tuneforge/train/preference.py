@@ -1,4 +1,5 @@
-"""The pairwise objectives (reward, dpo): the run skeleton and loop SFT uses, fed pairs."""
+"""The pairwise objectives (reward, dpo, orpo, simpo): the run skeleton and loop SFT uses, fed
+pairs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from tuneforge.data.preference import PairStats, collate_pairs, prepare_preferen
 from tuneforge.methods import trains_adapter
 from tuneforge.train.dpo import DPOObjective, precompute_reference_logps
 from tuneforge.train.loop import Trainer
+from tuneforge.train.ref_free import ReferenceFreeObjective
 from tuneforge.train.reward import RewardModel, RewardObjective
 from tuneforge.train.run import ObjectiveRun, loop_summary
 
@@ -25,8 +27,8 @@ def describe_pairs(kind: str, n: int, stats: PairStats, max_length: int) -> str:
 
 
 class PairRun(ObjectiveRun):
-    """Reward modelling or DPO in the run skeleton (train/run.py): preference records, pairs of
-    samples, the shared loop with a pair collate."""
+    """Reward modelling, DPO, ORPO or SimPO in the run skeleton (train/run.py): preference
+    records, pairs of samples, the shared loop with a pair collate."""
 
     multi_process = True
 
@@ -46,6 +48,8 @@ class PairRun(ObjectiveRun):
     def wrap(self, ctx, data):
         if self.name == "reward":
             return RewardModel(ctx.lm)
+        if self.name != "dpo":  # orpo, simpo: no reference model
+            return ctx.lm
         t = ctx.cfg.training
         adapter = trains_adapter(ctx.cfg.method)
         if not adapter or t.precompute_reference:
@@ -59,9 +63,12 @@ class PairRun(ObjectiveRun):
     def fit(self, ctx, model, data):
         t = ctx.cfg.training
         pad = ctx.tokenizer.pad_token_id
-        objective = (
-            RewardObjective() if self.name == "reward" else DPOObjective(t.beta, t.loss_type)
-        )
+        if self.name == "reward":
+            objective = RewardObjective()
+        elif self.name == "dpo":
+            objective = DPOObjective(t.beta, t.loss_type)
+        else:
+            objective = ReferenceFreeObjective(self.name, t.beta, t.simpo_gamma, t.cpo_alpha)
         trainer = Trainer(
             model,
             objective,

@@ -7,8 +7,6 @@ A reward run folder holds the LM as any run does (``adapter/`` or ``model/``) pl
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -156,29 +154,10 @@ def score(
 
 # -- reward sources for PPO ----------------------------------------------------------------------
 def load_reward_function(spec: str) -> RewardFn:
-    """``module:function`` or ``path/file.py:function`` -> the function.
+    """PPO's ``training.reward_function``: ``module:function`` or ``path/file.py:function``."""
+    from tuneforge.train.reward_functions import load_function
 
-    Raises:
-        TuneforgeError: the module, file or function cannot be found.
-    """
-    where, _, name = spec.rpartition(":")
-    key = "'training.reward_function'"
-    if where.endswith(".py"):
-        path = Path(where)
-        if not path.is_file():
-            raise TuneforgeError(f"{key}: file {where} not found")
-        mod_spec = importlib.util.spec_from_file_location(f"tuneforge_reward_{path.stem}", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ModuleNotFoundError as e:
-            raise TuneforgeError(f"{key}: cannot import module '{where}' ({e})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise TuneforgeError(f"{key}: '{where}' has no function '{name}'")
-    return fn
+    return load_function(spec, "'training.reward_function'")
 
 
 def make_reward(t: TrainingConfig) -> Callable[[list[Messages], list[str]], torch.Tensor]:
