@@ -1,7 +1,8 @@
 """Make the dates task: rewrite a date written in English into ISO 8601 (YYYY-MM-DD).
 
 A single-task dataset with an exactly checkable answer, so exact match measures learning.
-Deterministic: ``python examples/dates/make_data.py`` rewrites the same files.
+Deterministic: ``python examples/dates/make_data.py`` rewrites the same files (and
+prompts-train / prompts-eval.jsonl, the same examples as GRPO prompt records).
 """
 
 import datetime as dt
@@ -66,14 +67,25 @@ def make(n: int, rng: random.Random, used: set) -> list[dict]:
     return rows
 
 
+def as_prompt(row: dict) -> dict:
+    """The same example as a prompt record for GRPO (configs/grpo.yaml): the user message SFT
+    renders from it (instruction, blank line, input) and the answer a reward checks."""
+    return {"prompt": f"{row['instruction']}\n\n{row['input']}", "answer": row["output"]}
+
+
 def main() -> None:
     rng = random.Random(1234)
     used: set = set()
     here = Path(__file__).parent
     for name, n in (("train", 400), ("eval", 50), ("test", 100)):
+        rows = make(n, rng, used)
         with open(here / f"{name}.jsonl", "w") as f:
-            for row in make(n, rng, used):
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
+        if name != "test":  # test.jsonl stays the held-out set of the benches
+            with open(here / f"prompts-{name}.jsonl", "w") as f:
+                for row in rows:
+                    f.write(json.dumps(as_prompt(row)) + "\n")
 
 
 if __name__ == "__main__":

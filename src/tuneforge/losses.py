@@ -302,6 +302,36 @@ def ppo_value_loss(
 
 
 # -- reference-free and unpaired preference losses ----------------------------------------------
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate at both ends (Maechler 2012; TRL's
+    ``log1mexp``): ``log(-expm1(x))`` near 0, ``log1p(-exp(x))`` below ``-ln 2``."""
+    near = x > -0.6931471805599453
+    return torch.where(
+        near, torch.log(-torch.expm1(torch.where(near, x, -1.0))), torch.log1p(-torch.exp(x))
+    )
+
+
+class _OddsRatioTerm(torch.autograd.Function):
+    """``softplus(z)`` with ``z = -log_odds = (x_r - x_c) + log(1 - p_c) - log(1 - p_r)``, with the
+    gradient in a form that stays finite when the chosen response is certain (``p_c = 1``: the
+    loss is 0, ``log(1 - p_c)`` is -inf, and autograd through it gives NaN, as TRL's does):
+    ``d/dx_c = -odds_r / (p_c (1 + e^z))``, ``d/dx_r = sigmoid(z) / (1 - p_r)``."""
+
+    @staticmethod
+    def forward(ctx, xc, xr):
+        lr = log1mexp(xr)
+        z = (xr - xc) + log1mexp(xc) - lr
+        ctx.save_for_backward(xc, xr, z, lr)
+        return F.softplus(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xc, xr, z, lr = ctx.saved_tensors
+        grad_c = -torch.exp(xr - lr - xc) / (1 + torch.exp(z))
+        grad_r = torch.sigmoid(z) * torch.exp(-lr)
+        return grad * grad_c, grad * grad_r
+
+
 def orpo_loss(
     chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,13 +341,17 @@ def orpo_loss(
     response's mean per-token log-prob; the loss is ``-beta * log sigmoid(log_odds)`` (``beta`` is
     the paper's lambda). ORPO adds the chosen responses' NLL (the SFT term) to it; TRL's
     ``ORPOTrainer.odds_ratio_loss`` returns ``beta * log sigmoid(log_odds)`` and subtracts it.
+    ``log(1 - p)`` is computed as ``log1mexp``, and the gradient stays finite for a response
+    the model is certain of (``_OddsRatioTerm``).
 
     Returns:
         ``(losses, log_odds)``, each (B,).
     """
     pc, pr = chosen_mean_logps.float(), rejected_mean_logps.float()
-    log_odds = (pc - pr) - (torch.log1p(-torch.exp(pc)) - torch.log1p(-torch.exp(pr)))
-    return -beta * F.logsigmoid(log_odds), log_odds.detach()
+    losses = beta * _OddsRatioTerm.apply(pc, pr)
+    with torch.no_grad():
+        log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
+    return losses, log_odds
 
 
 def simpo_loss(
@@ -381,7 +415,7 @@ def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     n = (~x.isnan()).sum() if dim is None else (~x.isnan()).sum(dim)
     sq = (x - mean) ** 2
     var = (sq.nansum() if dim is None else sq.nansum(dim)) / (n - 1)
-    return var.sqrt()
+    return torch.where(n > 1, var, torch.nan).sqrt()
 
 
 def group_advantages(

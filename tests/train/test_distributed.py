@@ -210,19 +210,22 @@ def test_nproc_refuses_objectives_that_run_in_one_process():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: --nproc: training.objective ppo runs in one process only; multi-process "
-        "training covers objectives sft, reward and dpo"
+        "training covers objectives sft, reward, dpo, orpo and simpo"
     ]
 
 
 # (reward, lora) is left out for time: its head's gradient takes the same flat all-reduce as every
 # adapter weight (dpo, lora), and the head itself is covered sharded (reward, full)
-@pytest.mark.parametrize("objective,method", [("dpo", "lora"), ("dpo", "full"), ("reward", "full")])
+@pytest.mark.parametrize(
+    "objective,method", [("dpo", "lora"), ("dpo", "full"), ("reward", "full"), ("orpo", "lora")]
+)
 def test_pair_objectives_two_processes_batch_b_equal_one_process_batch_2b(
     tmp_path, objective, method
 ):
-    """Reward modelling and DPO across 2 processes as SFT: LoRA with the gradient all-reduce,
-    full fine-tuning sharded with FSDP2 (the reward model's score head in the root group; DPO's
-    reference log-probabilities computed before sharding)."""
+    """Reward modelling, DPO and ORPO across 2 processes as SFT: LoRA with the gradient
+    all-reduce, full fine-tuning sharded with FSDP2 (the reward model's score head in the root
+    group; DPO's reference log-probabilities computed before sharding; ORPO's two denominators,
+    pairs and chosen tokens, each summed over both processes)."""
     from tuneforge.models import resolve_model
 
     prefs = [json.loads(x) for x in (ROOT / "examples/prefs/train.jsonl").read_text().splitlines()]

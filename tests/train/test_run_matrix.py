@@ -16,7 +16,7 @@ from tuneforge.errors import TuneforgeError
 from ..conftest import ROOT, tiny_config, write_jsonl
 
 METHODS = ("full", "lora", "qlora", "dora", "ia3", "adapter", "prefix", "prompt")
-OBJECTIVES = ("sft", "reward", "dpo", "ppo")
+OBJECTIVES = ("sft", "reward", "dpo", "orpo", "simpo", "kto", "ppo", "grpo")
 # (method, objective) -> the start of its one-line refusal; every other cell trains
 REFUSED: dict[tuple[str, str], str] = {}
 MATRIX = {(m, o): REFUSED.get((m, o), "trains") for m in METHODS for o in OBJECTIVES}
@@ -26,11 +26,18 @@ PREFS = [json.loads(x) for x in (ROOT / "examples/prefs/train.jsonl").read_text(
 
 def _config(tmp_path, method: str, objective: str):
     if objective == "sft":
-        rows = [{"instruction": p["prompt"], "output": p["chosen"]} for p in PREFS[:12]]
+        rows = [{"instruction": p["prompt"], "output": p["chosen"]} for p in PREFS[:16]]
+    elif objective == "kto":  # one labelled completion per record, half of them undesirable
+        rows = [
+            {"prompt": p["prompt"], "completion": p["chosen" if i % 2 else "rejected"], "label": i % 2 == 1}
+            for i, p in enumerate(PREFS[:16])
+        ]  # fmt: skip
+    elif objective == "grpo":  # prompts with a field the reward reads
+        rows = [{"prompt": p["prompt"], "answer": p["chosen"]} for p in PREFS[:16]]
     else:
-        rows = PREFS[:12]
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    held = write_jsonl(tmp_path / "eval.jsonl", PREFS[12:16] if objective != "sft" else rows[:4])
+        rows = PREFS[:16]
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:12])
+    held = write_jsonl(tmp_path / "eval.jsonl", rows[12:16] if objective != "sft" else rows[:4])
     overrides = {
         "data.eval": str(held),
         "data.max_length": 64,
@@ -53,6 +60,21 @@ def _config(tmp_path, method: str, objective: str):
                 "training.rollout_batch_size": 2,
                 "training.response_length": 4,
                 "training.gradient_accumulation": 1,
+            }
+        )
+    if objective == "grpo":
+        reward = tmp_path / "reward.py"
+        reward.write_text(
+            "def score(prompts, completions, answer):\n"
+            "    return [len(c) / 8 for c in completions]\n"
+        )
+        overrides.update(
+            {
+                "training.reward_functions": f"[exact_match,'{reward}:score']",
+                "training.rollout_batch_size": 1,
+                "training.num_generations": 2,
+                "training.response_length": 4,
+                "training.beta": 0.04,
             }
         )
     return tiny_config(tmp_path, train, **overrides)
@@ -98,14 +120,10 @@ def test_every_method_with_every_objective(tmp_path, method, objective):
     saved = run_dir / ("model" if method == "full" else "adapter")
     assert saved.is_dir() and (run_dir / "summary.json").is_file()
     tags = _scalars(run_dir)  # report_to: tensorboard honoured
-    curve = {
-        "sft": "train/loss",
-        "reward": "train/loss",
-        "dpo": "train/loss",
-        "ppo": "train/reward",
-    }
-    assert curve[objective] in tags and "train/learning_rate" in tags, tags
-    assert {"sft": "eval/loss", "ppo": "eval/reward"}.get(objective, "eval/loss") in tags, tags
+    curve = {"ppo": "train/reward", "grpo": "train/reward"}.get(objective, "train/loss")
+    assert curve in tags and "train/learning_rate" in tags, tags
+    evals = {"ppo": "eval/reward", "grpo": "eval/reward"}
+    assert evals.get(objective, "eval/loss") in tags, tags
 
     # reload what was saved: the model differs from the base it started from
     model, tok = load_for_inference(str(run_dir))
@@ -122,7 +140,13 @@ def test_every_method_with_every_objective(tmp_path, method, objective):
 
 @pytest.mark.parametrize(
     "objective,key,value",
-    [("dpo", "data.augment", 2), ("reward", "data.packing", "true"), ("ppo", "data.clean", "true")],
+    [
+        ("dpo", "data.augment", 2),
+        ("reward", "data.packing", "true"),
+        ("ppo", "data.clean", "true"),
+        ("kto", "data.clean", "true"),
+        ("grpo", "data.packing", "true"),
+    ],
 )
 def test_settings_that_cannot_apply_are_refused_in_one_line(tmp_path, objective, key, value):
     from tuneforge.config import DATA_STEPS

@@ -1,4 +1,5 @@
-"""KTO's records: single completions labelled desirable or not, ``{prompt, completion, label}``.
+"""KTO's records: single completions labelled desirable or not, ``{prompt, completion, label}``,
+or preference pairs, each read as two such examples.
 
 ``label`` must be a JSON boolean (``true`` / ``false``); a CSV cell ``true`` / ``false`` reads as
 one. Each completion is rendered by the chat-template code pairs use (``render.render_reply``), so
@@ -20,7 +21,7 @@ from tuneforge.data.records import Messages
 from tuneforge.data.render import IGNORE, Sample, ensure_chat_template, render_reply
 from tuneforge.errors import TuneforgeError
 
-NEEDS = "kto records need 'prompt', 'completion' and a boolean 'label'"
+NEEDS = "kto records need 'prompt', 'completion' and a boolean 'label' (or a preference pair)"
 
 
 @dataclass
@@ -88,6 +89,20 @@ def to_labelled(rec: Record, system_prompt: str | None = None) -> Labelled:
     return Labelled(prompt, completion, label, rec.source)
 
 
+def to_examples(rec: Record, system_prompt: str | None = None) -> list[Labelled]:
+    """A KTO record -> one example; a preference record ``{prompt, chosen, rejected}`` -> two
+    (chosen desirable, rejected undesirable: TRL's ``unpair_preference_dataset``)."""
+    if "chosen" in rec.data and "completion" not in rec.data:
+        from tuneforge.data.preference import to_preference
+
+        pref = to_preference(rec, system_prompt)
+        return [
+            Labelled(pref.prompt, pref.chosen, True, rec.source),
+            Labelled(pref.prompt, pref.rejected, False, rec.source),
+        ]
+    return [to_labelled(rec, system_prompt)]
+
+
 def render_labelled(tokenizer, items: list[Labelled], max_length: int):
     """Render KTO records, cut to ``max_length``; returns ``(samples, LabelledStats)``."""
     stats = LabelledStats()
@@ -115,15 +130,17 @@ def prepare_labelled_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedLabe
 
     ensure_chat_template(tokenizer)
     prepared = prepare_records(
-        cfg, seed, lambda r: to_labelled(r, cfg.system_prompt), lambda x: x.prompt
+        cfg, seed, lambda r: to_examples(r, cfg.system_prompt), lambda xs: xs[0].prompt
     )
-    train, stats = render_labelled(tokenizer, prepared.train, cfg.max_length)
+    flat = [x for xs in prepared.train for x in xs]
+    train, stats = render_labelled(tokenizer, flat, cfg.max_length)
     if not train:
         raise TuneforgeError(
             f"{cfg.train}: no kto example has a completion token within "
             f"data.max_length={cfg.max_length}; raise data.max_length"
         )
-    evals, eval_stats = render_labelled(tokenizer, prepared.eval, cfg.max_length)
+    flat_eval = [x for xs in prepared.eval for x in xs]
+    evals, eval_stats = render_labelled(tokenizer, flat_eval, cfg.max_length)
     return PreparedLabelled(train, evals, stats, eval_stats)
 
 

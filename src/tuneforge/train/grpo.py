@@ -11,7 +11,6 @@ normalisations are TRL's, under TRL's names (``loss_type``, ``scale_rewards``, `
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,7 +31,7 @@ from tuneforge.losses import (
 from tuneforge.methods import trains_adapter
 from tuneforge.train.policy import labelled_logprobs
 from tuneforge.train.reward_functions import RewardFunction, combine, load_rewards, score_all
-from tuneforge.train.rollout import RolloutTrainer
+from tuneforge.train.rollout import RolloutTrainer, rollout_summary
 from tuneforge.train.run import ObjectiveRun
 
 
@@ -206,13 +205,9 @@ class GRPOTrainer(RolloutTrainer):
                     if token_kl is not None:
                         kl += float((token_kl.detach() * r.mask).sum())
                     tokens += float(r.mask.sum())
-                if t.max_grad_norm > 0:
-                    grad_norms.append(
-                        float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-                    )
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                norm = self.update(params)
+                if norm is not None:
+                    grad_norms.append(norm)
                 updates += 1
         n = max(tokens, 1.0)
         out = {"loss": loss_total / max(updates, 1), "clip_fraction": clipped / n}
@@ -276,13 +271,7 @@ class GRPORun(ObjectiveRun):
         return trainer.run(resume=ctx.resume)
 
     def summary(self, ctx, result, data) -> dict:
-        rows = [json.loads(x) for x in (ctx.run_dir / "metrics.jsonl").read_text().splitlines()]
-        rewards = [r["reward"] for r in rows if "reward" in r]
         return {
-            "best_eval_reward": result.best_eval_metrics.get("reward"),
+            **rollout_summary(ctx.run_dir, result, data),
             "best_eval_metrics": result.best_eval_metrics,
-            "first_step_reward": rewards[0] if rewards else None,
-            "last_step_reward": rewards[-1] if rewards else None,
-            "train_prompts": len(data.train),
-            "eval_prompts": len(data.eval),
         }

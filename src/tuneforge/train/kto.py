@@ -14,9 +14,8 @@ from tuneforge.data.labelled import collate_labelled, prepare_labelled_data
 from tuneforge.losses import kto_kl, kto_loss
 from tuneforge.methods import trains_adapter
 from tuneforge.train.dpo import adapter_disabled, sequence_logps
-from tuneforge.train.loop import Trainer
 from tuneforge.train.policy import frozen_copy
-from tuneforge.train.run import ObjectiveRun, loop_summary
+from tuneforge.train.run import ObjectiveRun, loop_summary, pair_loop
 
 
 class KTOObjective:
@@ -101,21 +100,7 @@ class KTORun(ObjectiveRun):
         objective = KTOObjective(
             t.beta, t.desirable_weight, t.undesirable_weight, reference=self.reference
         )
-        trainer = Trainer(
-            model,
-            objective,
-            data.train,
-            data.eval,
-            t,
-            ctx.run_dir,
-            pad,
-            ctx.device,
-            collate=lambda items: collate_labelled(items, pad, n),
-            group_by_length=ctx.cfg.data.group_by_length,
-            dist=ctx.dist,
-            loggers=ctx.loggers,
-        )
-        return trainer.run(resume=ctx.resume)
+        return pair_loop(ctx, model, data, objective, lambda xs: collate_labelled(xs, pad, n))
 
     def summary(self, ctx, result, data) -> dict:
         return {

@@ -9,7 +9,6 @@ updates over it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from tuneforge.losses import (
 from tuneforge.methods import trains_adapter, unwrap
 from tuneforge.train.policy import decoder_hidden
 from tuneforge.train.reward import make_reward
-from tuneforge.train.rollout import RolloutTrainer
+from tuneforge.train.rollout import RolloutTrainer, rollout_summary
 from tuneforge.train.run import ObjectiveRun
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -247,13 +246,9 @@ class PPOTrainer(RolloutTrainer):
                     sums["vf_clipped"] += float(vf_clipped)
                     sums["approx_kl"] += float(0.5 * (diff**2).sum())
                     tokens += float(r.mask.sum())
-                if t.max_grad_norm > 0:
-                    grad_norms.append(
-                        float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
-                    )
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                norm = self.update(params)
+                if norm is not None:
+                    grad_norms.append(norm)
         n = max(tokens, 1.0)
         return {
             "policy_loss": sums["policy_loss"] / n,
@@ -321,12 +316,4 @@ class PPORun(ObjectiveRun):
         save_value_head(model, ctx.run_dir)
 
     def summary(self, ctx, result, data) -> dict:
-        rows = [json.loads(x) for x in (ctx.run_dir / "metrics.jsonl").read_text().splitlines()]
-        rewards = [r["reward"] for r in rows if "reward" in r]
-        return {
-            "best_eval_reward": result.best_eval_metrics.get("reward"),
-            "first_step_reward": rewards[0] if rewards else None,
-            "last_step_reward": rewards[-1] if rewards else None,
-            "train_prompts": len(data.train),
-            "eval_prompts": len(data.eval),
-        }
+        return rollout_summary(ctx.run_dir, result, data)

@@ -6,10 +6,9 @@ from __future__ import annotations
 from tuneforge.data.preference import PairStats, collate_pairs, prepare_preference_data
 from tuneforge.methods import trains_adapter
 from tuneforge.train.dpo import DPOObjective, precompute_reference_logps
-from tuneforge.train.loop import Trainer
 from tuneforge.train.ref_free import ReferenceFreeObjective
 from tuneforge.train.reward import RewardModel, RewardObjective
-from tuneforge.train.run import ObjectiveRun, loop_summary
+from tuneforge.train.run import ObjectiveRun, loop_summary, pair_loop
 
 
 def describe_pairs(kind: str, n: int, stats: PairStats, max_length: int) -> str:
@@ -69,21 +68,7 @@ class PairRun(ObjectiveRun):
             objective = DPOObjective(t.beta, t.loss_type)
         else:
             objective = ReferenceFreeObjective(self.name, t.beta, t.simpo_gamma, t.cpo_alpha)
-        trainer = Trainer(
-            model,
-            objective,
-            data.train,
-            data.eval,
-            t,
-            ctx.run_dir,
-            pad,
-            ctx.device,
-            collate=lambda pairs: collate_pairs(pairs, pad),
-            group_by_length=ctx.cfg.data.group_by_length,
-            dist=ctx.dist,
-            loggers=ctx.loggers,
-        )
-        return trainer.run(resume=ctx.resume)
+        return pair_loop(ctx, model, data, objective, lambda pairs: collate_pairs(pairs, pad))
 
     def save_extra(self, ctx, model, weights) -> None:
         if self.name == "reward":

@@ -35,7 +35,7 @@ class ReferenceFreeObjective:
         metrics = {}
         if self.name == "orpo":
             losses, log_odds = orpo_loss(chosen, rejected, self.beta)
-            metrics["log_odds_ratio"] = log_odds.sum()
+            metrics["log_odds_chosen"] = log_odds.sum()  # TRL's name for the mean log-odds
         else:
             losses = simpo_loss(chosen, rejected, self.beta, self.simpo_gamma)
         nll = -logps.chunk(2)[0].sum()

@@ -9,6 +9,7 @@ dropout after a resume are those of an uninterrupted run.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -99,6 +100,17 @@ class RolloutTrainer:
 
     def evaluate(self) -> tuple[float, dict[str, float]]:
         raise NotImplementedError
+
+    def update(self, params: list[torch.nn.Parameter]) -> float | None:
+        """One optimizer step on the accumulated gradients (clipped to ``max_grad_norm``);
+        returns the gradient norm before clipping (None without clipping)."""
+        norm = None
+        if self.cfg.max_grad_norm > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     # -- rollouts -----------------------------------------------------------------------------------
     def prompts_for(self, step: int) -> list:
@@ -269,3 +281,17 @@ class RolloutTrainer:
                 {} if best is None else {"reward": best, **state.get("best_eval_metrics", {})}
             ),
         )
+
+
+def rollout_summary(run_dir: Path, result: LoopResult, data) -> dict:
+    """The summary.json fields of the rollout objectives: the best eval reward and the first and
+    last steps' mean rewards (from metrics.jsonl, which a resumed run has whole)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    return {
+        "best_eval_reward": result.best_eval_metrics.get("reward"),
+        "first_step_reward": rewards[0] if rewards else None,
+        "last_step_reward": rewards[-1] if rewards else None,
+        "train_prompts": len(data.train),
+        "eval_prompts": len(data.eval),
+    }

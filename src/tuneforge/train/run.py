@@ -97,6 +97,28 @@ class ObjectiveRun:
         return f"saved {ctx.run_dir / saved_folder(ctx.cfg.method)}"
 
 
+def pair_loop(ctx: RunContext, model, data, objective, collate) -> LoopResult:
+    """The shared loop over items that a custom ``collate`` batches (pairs, labelled
+    completions), as the objectives other than sft run it."""
+    from tuneforge.train.loop import Trainer
+
+    trainer = Trainer(
+        model,
+        objective,
+        data.train,
+        data.eval,
+        ctx.cfg.training,
+        ctx.run_dir,
+        ctx.tokenizer.pad_token_id,
+        ctx.device,
+        collate=collate,
+        group_by_length=ctx.cfg.data.group_by_length,
+        dist=ctx.dist,
+        loggers=ctx.loggers,
+    )
+    return trainer.run(resume=ctx.resume)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -127,7 +149,7 @@ def check_processes(cfg: Config, objective: ObjectiveRun, world: int) -> None:
     if not objective.multi_process:
         raise TuneforgeError(
             f"--nproc: training.objective {name} runs in one process only; multi-process "
-            "training covers objectives sft, reward and dpo"
+            "training covers objectives sft, reward, dpo, orpo and simpo"
         )
 
 
