@@ -430,8 +430,10 @@ def group_advantages(
     The std is unbiased and gets ``+ 1e-4``, as in TRL.
 
     Returns:
-        ``(advantages, zero_std)``: (N,), and (N,) true where the group's rewards are all equal
-        (such a group teaches nothing: its advantages are 0).
+        ``(advantages, zero_std)``: (N,), and (N,) true where the std the advantages are scaled
+        by is zero (with ``group`` / ``none``: the group's rewards are all equal, so it teaches
+        nothing; with ``batch``: every reward of the rollout is equal), as TRL's
+        ``frac_reward_zero_std`` counts it.
     """
     rewards = rewards.float()
     grouped = rewards.view(-1, num_generations)
