@@ -404,6 +404,12 @@ class EvalConfig:
         choices=("best", "zero_shot", "few_shot"),
     )
     report_examples: int = _f(5, "Outputs shown side by side in the report.")
+    property: str = _f(
+        "",
+        "Runs other than sft: a regular expression; the report gives the share of held-out "
+        "answers it matches (searched anywhere), at the start and fine-tuned, with a paired "
+        "bootstrap interval (e.g. the property the preferences reward).",
+    )
     progress: bool = _f(True, "Show a progress bar while generating.")
 
 
@@ -898,6 +904,13 @@ def validate_eval(e: EvalConfig, source: str = "config") -> None:
         bad("top_p", f"must be in (0, 1], got {e.top_p}")
     if e.report_examples < 0:
         bad("report_examples", f"must be >= 0, got {e.report_examples}")
+    if e.property:
+        import re
+
+        try:
+            re.compile(e.property)
+        except re.error as err:
+            bad("property", f"is not a regular expression ({err})")
 
 
 def _require_bitsandbytes(method: str, optimizer: str, bad) -> None:

@@ -136,3 +136,16 @@ def test_crash_then_resume_equals_uninterrupted_full_fine_tuning(tmp_path, monke
     assert log("clean") == log("killed")
     assert {"rewards_margin", "rewards_accuracy"} <= log("clean")[0].keys()
     assert "eval_rewards_accuracy" in log("clean")[2]
+
+
+def test_likelihood_displacement_warning_by_hand():
+    """It needs a fall at each of the last 3 evals and more than 1 nat since the first."""
+    from tuneforge.train.loop import displacement_warning
+
+    assert displacement_warning([-10.0, -10.5, -11.0, -11.5]).startswith(
+        "warning: the held-out chosen responses' log-prob fell at 3 evaluations in a row "
+        "(-10.00 -> -11.50 per response)"
+    )
+    assert displacement_warning([-10.0, -10.5, -11.0]) is None  # too few evaluations
+    assert displacement_warning([-10.0, -10.2, -10.4, -10.6]) is None  # 0.6 nats only
+    assert displacement_warning([-10.0, -11.0, -12.0, -11.9, -13.0]) is None  # rose once

@@ -135,6 +135,10 @@ def evaluate_run(
         raise TuneforgeError(
             f"'{run}': no eval data; pass --data FILE (the run has no data.eval and no eval.data)"
         )
+    if cfg.training.objective != "sft":  # preference and RL runs: eval/preference.py
+        from tuneforge.eval.preference import evaluate_preference_run
+
+        return evaluate_preference_run(run_dir, cfg, data_path, review_sheet, gguf)
     evalset = load_eval_set(data_path, cfg.data.format, cfg.data.system_prompt, e.max_examples)
     shots = few_shot_examples(
         cfg.data.train, e.few_shot_k, e.seed, evalset, cfg.data.format, cfg.data.system_prompt
@@ -345,6 +349,12 @@ def score_sheet(sheet: str, key: str | None = None, run: str | None = None) -> d
 
 def summary_lines(r: dict) -> list[str]:
     """What ``tuneforge eval`` prints: the score table and the plain statements."""
+    if r.get("objective", "sft") != "sft":
+        return [
+            f"{r['examples']} held-out examples from {r['data']} ({r['objective']} run)",
+            *r["verdict"],
+            f"report: {Path(r['run']) / 'report.md'} (and eval.json)",
+        ]
     systems = list(r["scores"])
     lines = [
         f"{r['examples']} examples from {r['data']}",

@@ -65,6 +65,8 @@ class DPOObjective:
             pc, pr, rc, rr, self.beta, self.loss_type, nc, nr
         )
         metrics = {
+            "logps_chosen": pc.detach().sum(),
+            "logps_rejected": pr.detach().sum(),
             "rewards_chosen": chosen_rewards.sum(),
             "rewards_rejected": rejected_rewards.sum(),
             "rewards_margin": (chosen_rewards - rejected_rewards).sum(),

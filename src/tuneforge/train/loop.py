@@ -177,6 +177,27 @@ def main_units(units) -> float:
     return next(iter(units.values())) if isinstance(units, dict) else units
 
 
+def displacement_warning(chosen: list[float], evals: int = 3, drop: float = 1.0) -> str | None:
+    """One line when the held-out chosen responses' log-prob fell at each of the last ``evals``
+    evaluations and by more than ``drop`` nats since the first: the likelihood displacement of
+    DPO-style losses (the margin grows because both log-probs fall, the rejected faster), which
+    tends to come with degenerate generations."""
+    if len(chosen) <= evals:
+        return None
+    recent = chosen[-evals - 1 :]
+    if (
+        all(b < a for a, b in zip(recent, recent[1:], strict=False))
+        and chosen[0] - chosen[-1] > drop
+    ):
+        return (
+            f"warning: the held-out chosen responses' log-prob fell at {evals} evaluations in a "
+            f"row ({chosen[0]:.2f} -> {chosen[-1]:.2f} per response): the model is moving away "
+            "from the preferred answers too; lower training.learning_rate or raise training.beta, "
+            "and check its answers with tuneforge eval"
+        )
+    return None
+
+
 class Trainer:
     """Runs an objective over samples. ``objective`` has ``units(batch)`` and ``loss_sum(model, batch)``
     (see ``split_metrics`` for metrics an objective reports)."""
@@ -470,6 +491,8 @@ class Trainer:
         first_step = self.total_steps if stopped_early else state["global_step"]
         main = self.dist.is_main
         say = bar.write if main else (lambda msg: None)  # tqdm.write ignores disable=
+        chosen: list[float] = []  # held-out chosen log-probs at each eval (DPO-style objectives)
+        warned = False
         with open(metrics_path if main else os.devnull, "a") as metrics:
             for step in range(first_step, self.total_steps):
                 t0 = time.perf_counter()
@@ -533,6 +556,12 @@ class Trainer:
                     say(
                         f"step {step + 1}: eval_loss {eval_loss:.4f} (best {state['best_eval_loss']:.4f} at step {state['best_step']})"
                     )
+                    if "logps_chosen" in self.last_eval_metrics and not warned:
+                        chosen.append(self.last_eval_metrics["logps_chosen"])
+                        warning = displacement_warning(chosen)
+                        if warning:
+                            say(warning)
+                            warned = True
                 metrics.flush()
                 save = self._save_due(step + 1, evaluated) or stopped_early
                 if save and not out.get("skipped"):  # never checkpoint inside a bad streak

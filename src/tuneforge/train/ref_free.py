@@ -41,6 +41,8 @@ class ReferenceFreeObjective:
         nll = -logps.chunk(2)[0].sum()
         rc, rr = self.beta * chosen.detach(), self.beta * rejected.detach()
         metrics.update(
+            logps_chosen=logps.detach().chunk(2)[0].sum(),
+            logps_rejected=logps.detach().chunk(2)[1].sum(),
             rewards_chosen=rc.sum(),
             rewards_rejected=rr.sum(),
             rewards_margin=(rc - rr).sum(),

@@ -1,0 +1,430 @@
+"""``tuneforge eval`` for the objectives other than sft: better on the objective, and still intact
+as a language model?
+
+A preference or RL run can look perfect in its training metrics (held-out reward accuracy 1.0)
+while its generations have turned to repetition or another script. So besides the objective
+(pairwise accuracy and margin on held-out pairs; the run's own rewards, for ppo / grpo runs with
+reward functions; the share of answers with a user-named property), the fine-tuned and the
+starting model both answer the held-out prompts, and the report compares them: KL to the
+starting model on the fine-tuned model's answers, general-text perplexity (forgetting), and
+degeneration measures (answers that repeat themselves, leave the prompt's script, or never reach
+an end of turn, and their length). The verdict says both things in words; ``intact`` is False
+when any guard crosses its limit (``LIMITS``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tuneforge.config import Config
+from tuneforge.data.io import read_records
+from tuneforge.data.preference import (
+    collate_pairs,
+    prompt_messages,
+    render_pair,
+    to_preference,
+)
+from tuneforge.errors import TuneforgeError
+from tuneforge.eval.metrics import paired_bootstrap_ci
+from tuneforge.eval.perplexity import read_texts, resolve_general_text, samples_nll, text_samples
+from tuneforge.files import write_atomic
+from tuneforge.infer.generate import generate
+from tuneforge.train.policy import labelled_logprobs, response_token_counts
+
+# the guards of "intact as a language model": (measure, largest allowed rise over the starting
+# model, in the measure's own unit)
+LIMITS = {
+    "perplexity_change": 0.10,  # general-text perplexity, relative (+10%)
+    "repetitive": 0.10,  # share of answers that repeat themselves, +10 points
+    "off_script": 0.05,  # share of answers mostly outside the prompt's script, +5 points
+    "unfinished": 0.20,  # share of answers cut at max_new_tokens, +20 points
+}
+
+
+# -- degeneration measures --------------------------------------------------------------------------
+def repetition(text: str, n: int = 3) -> float:
+    """Share of an answer's word n-grams that repeat an earlier one (0 for fewer than 4)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 4:
+        return 0.0
+    return 1 - len(set(grams)) / len(grams)
+
+
+def scripts(text: str) -> set[str]:
+    """The scripts of the letters in ``text`` (LATIN, CJK, CYRILLIC, ...), by Unicode name."""
+    out = set()
+    for ch in text:
+        if ch.isalpha():
+            name = unicodedata.name(ch, "")
+            out.add(name.split(" ")[0] if name else "UNKNOWN")
+    return out
+
+
+def off_script_share(text: str, allowed: set[str]) -> float:
+    """Share of the letters of ``text`` whose script is not in ``allowed``."""
+    letters = [ch for ch in text if ch.isalpha()]
+    if not letters:
+        return 0.0
+    return sum(not (scripts(ch) <= allowed) for ch in letters) / len(letters)
+
+
+@dataclass
+class Degeneration:
+    """Shares of answers (0..1) and their mean length in tokens."""
+
+    repetitive: float  # more than a quarter of their word 3-grams repeat
+    off_script: float  # more than a tenth of their letters outside the prompt's scripts
+    unfinished: float  # reached max_new_tokens without an end of turn
+    mean_tokens: float
+
+
+def degeneration(prompts, answers: list[str], tokenizer, max_new_tokens: int) -> Degeneration:
+    n = max(len(answers), 1)
+    tokens = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    off = 0
+    for p, a in zip(prompts, answers, strict=True):
+        allowed = scripts(" ".join(m["content"] for m in p)) or {"LATIN"}
+        off += off_script_share(a, allowed) > 0.1
+    return Degeneration(
+        repetitive=sum(repetition(a) > 0.25 for a in answers) / n,
+        off_script=off / n,
+        unfinished=sum(t >= max_new_tokens for t in tokens) / n,
+        mean_tokens=sum(tokens) / n,
+    )
+
+
+# -- held-out data -----------------------------------------------------------------------------------
+@dataclass
+class HeldOut:
+    prompts: list  # messages
+    raw_prompts: list  # as the records gave them (reward functions get these)
+    fields: dict[str, list]  # the records' other keys (grpo's reward functions)
+    pairs: list  # Preference, when the records are pairs
+    path: str
+
+
+def load_held_out(path: str, cfg: Config, max_examples: int = 0) -> HeldOut:
+    """Preference pairs (pairwise accuracy, and their prompts) or prompt records."""
+    records = read_records(path)
+    if max_examples:
+        records = records[:max_examples]
+    if all("chosen" in r.data for r in records):
+        pairs = [to_preference(r, cfg.data.system_prompt) for r in records]
+        raw = [r.data["prompt"] for r in records]
+        return HeldOut([p.prompt for p in pairs], raw, {}, pairs, str(path))
+    prompts, raw, fields = [], [], {}
+    for r in records:
+        key = "messages" if "prompt" not in r.data and "messages" in r.data else "prompt"
+        prompts.append(prompt_messages(r, cfg.data.system_prompt, "held-out prompts", key))
+        raw.append(r.data[key])
+        for k, v in r.data.items():
+            if k not in (key, "completion", "label"):
+                fields.setdefault(k, []).append(v)
+    fields = {k: v for k, v in fields.items() if len(v) == len(records)}
+    return HeldOut(prompts, raw, fields, [], str(path))
+
+
+# -- pairwise accuracy ------------------------------------------------------------------------------
+@torch.no_grad()
+def pair_logps(model, tokenizer, pairs, max_length: int, batch_size: int = 8):
+    """(chosen, rejected) summed response log-probs and response token counts, per pair."""
+    rendered = [render_pair(tokenizer, p, max_length)[0] for p in pairs]
+    keep = [i for i, x in enumerate(rendered) if x is not None]
+    device = next(model.parameters()).device
+    out = {"chosen": [], "rejected": [], "n_chosen": [], "n_rejected": []}
+    for i in range(0, len(keep), batch_size):
+        chunk = [rendered[j] for j in keep[i : i + batch_size]]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, tokenizer.pad_token_id).items()}
+        logps = labelled_logprobs(model, batch).sum(-1).cpu()
+        counts = response_token_counts(batch["labels"]).cpu()
+        c, r = logps.chunk(2)
+        nc, nr = counts.chunk(2)
+        out["chosen"] += c.tolist()
+        out["rejected"] += r.tolist()
+        out["n_chosen"] += nc.tolist()
+        out["n_rejected"] += nr.tolist()
+    return out
+
+
+def implicit_margins(objective: str, beta: float, tuned: dict, base: dict) -> list[float]:
+    """Per pair, the fine-tuned policy's reward of chosen minus rejected, as the objective
+    defines it: ``beta * log-ratio to the start`` (dpo, kto), ``beta * mean log-prob``
+    (orpo, simpo), the log-prob difference otherwise."""
+    out = []
+    for i in range(len(tuned["chosen"])):
+        c, r = tuned["chosen"][i], tuned["rejected"][i]
+        if objective in ("dpo", "kto"):
+            out.append(beta * ((c - base["chosen"][i]) - (r - base["rejected"][i])))
+        elif objective in ("orpo", "simpo"):
+            out.append(beta * (c / tuned["n_chosen"][i] - r / tuned["n_rejected"][i]))
+        else:
+            out.append(c - r)
+    return out
+
+
+# -- the evaluation ---------------------------------------------------------------------------------
+@torch.no_grad()
+def answer_kl(tuned, base, tokenizer, prompts, answers: list[str], batch_size: int = 8) -> float:
+    """Mean over answers of ``sum_t log p_tuned - log p_start`` on the fine-tuned model's own
+    answers: a Monte Carlo KL(fine-tuned || start) per answer (greedy answers: an estimate)."""
+    from tuneforge.data.preference import pad_rows
+    from tuneforge.data.render import render_reply
+
+    device = next(tuned.parameters()).device
+    total = 0.0
+    rows = [render_reply(tokenizer, p, a)[0] for p, a in zip(prompts, answers, strict=True)]
+    for i in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in pad_rows(rows[i : i + batch_size], 0).items()}
+        total += float((labelled_logprobs(tuned, batch) - labelled_logprobs(base, batch)).sum())
+    return total / max(len(rows), 1)
+
+
+def evaluate_preference_run(
+    run_dir: Path, cfg: Config, data_path: str, review_sheet=None, gguf=None
+) -> dict:
+    """The evaluation of a reward, dpo, orpo, simpo, kto, ppo or grpo run; see the module
+    docstring. Writes eval.json and report.md into the run."""
+    if review_sheet or gguf:
+        which = "--review-sheet" if review_sheet else "--gguf"
+        raise TuneforgeError(
+            f"{which} applies to sft runs; this run's objective is {cfg.training.objective}"
+        )
+    e, t = cfg.eval, cfg.training
+    objective = t.objective
+    held = load_held_out(data_path, cfg, e.max_examples)
+    general = resolve_general_text(e.general_text)
+    texts = read_texts(general) if general else None
+    rewards = None
+    if objective == "grpo":
+        from tuneforge.train.reward_functions import load_rewards
+
+        rewards = load_rewards(t.reward_functions, t.response_length)
+    prop = re.compile(e.property) if e.property else None
+    from tuneforge.infer.runs import load_for_inference
+
+    start = time.perf_counter()
+    if objective == "reward":
+        return _reward_run(run_dir, cfg, held, data_path)
+    base, tok = load_for_inference(str(run_dir), adapter=False)
+    tuned, _ = load_for_inference(str(run_dir), adapter=True)
+    results: dict = {
+        "run": str(run_dir),
+        "objective": objective,
+        "model": cfg.model,
+        "method": cfg.method.name,
+        "data": str(data_path),
+        "examples": len(held.prompts),
+    }
+    if held.pairs:
+        tuned_lp = pair_logps(tuned, tok, held.pairs, cfg.data.max_length, e.batch_size)
+        base_lp = pair_logps(base, tok, held.pairs, cfg.data.max_length, e.batch_size)
+        beta = t.beta if t.beta is not None else 1.0
+        margins = implicit_margins(objective, beta, tuned_lp, base_lp)
+        base_pref = [c - r for c, r in zip(base_lp["chosen"], base_lp["rejected"], strict=True)]
+        n = max(len(margins), 1)
+        results["pairwise"] = {
+            "pairs": len(margins),
+            "accuracy": sum(m > 0 for m in margins) / n,
+            "margin": sum(margins) / n,
+            "base_logprob_accuracy": sum(d > 0 for d in base_pref) / n,
+            "chosen_logprob_change": sum(
+                c - b for c, b in zip(tuned_lp["chosen"], base_lp["chosen"], strict=True)
+            )
+            / n,
+            "rejected_logprob_change": sum(
+                c - b for c, b in zip(tuned_lp["rejected"], base_lp["rejected"], strict=True)
+            )
+            / n,
+        }
+    answers = {}
+    for name, model in (("start", base), ("fine-tuned", tuned)):
+        answers[name] = generate(
+            model, tok, held.prompts, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size
+        )
+    results["answers"] = answers
+    results["prompts"] = [p[-1]["content"] for p in held.prompts]
+    results["degeneration"] = {
+        name: asdict(degeneration(held.prompts, a, tok, e.max_new_tokens))
+        for name, a in answers.items()
+    }
+    results["kl_to_start"] = answer_kl(tuned, base, tok, held.prompts, answers["fine-tuned"])
+    if rewards is not None:
+        from tuneforge.train.reward_functions import combine, score_all
+
+        scored = {}
+        for name, a in answers.items():
+            toks = [len(tok(x, add_special_tokens=False)["input_ids"]) for x in a]
+            per = score_all(rewards, held.raw_prompts, a, held.fields, toks)
+            scored[name] = combine(per, t.reward_weights).nan_to_num(0.0).tolist()
+        lo, hi = paired_bootstrap_ci(scored["fine-tuned"], scored["start"], seed=e.seed)
+        results["reward"] = {
+            "start": sum(scored["start"]) / len(scored["start"]),
+            "fine-tuned": sum(scored["fine-tuned"]) / len(scored["fine-tuned"]),
+            "ci95_difference": [lo / 100, hi / 100],
+        }
+    if prop is not None:
+        has = {k: [float(prop.search(a) is not None) for a in v] for k, v in answers.items()}
+        lo, hi = paired_bootstrap_ci(has["fine-tuned"], has["start"], seed=e.seed)
+        results["property"] = {
+            "pattern": e.property,
+            **{k: sum(v) / len(v) for k, v in has.items()},
+            "ci95_points": [lo, hi],
+        }
+    if texts:
+        samples = text_samples(tok, texts, cfg.data.max_length)
+        b = samples_nll(base, samples, tok.pad_token_id, e.batch_size)
+        f = samples_nll(tuned, samples, tok.pad_token_id, e.batch_size)
+        results["forgetting"] = {
+            "path": str(general),
+            "base_perplexity": b.perplexity,
+            "fine_tuned_perplexity": f.perplexity,
+            "relative_change": f.perplexity / b.perplexity - 1,
+        }
+    results["guards"], results["intact"] = guards(results)
+    results["verdict"] = verdict_lines(results)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    _save(run_dir, results)
+    return results
+
+
+def _reward_run(run_dir: Path, cfg: Config, held: HeldOut, data_path: str) -> dict:
+    from tuneforge.train.reward import load_reward_model, score
+
+    if not held.pairs:
+        raise TuneforgeError(f"{data_path}: a reward run is evaluated on preference pairs")
+    rm, tok = load_reward_model(run_dir)
+    chosen = score(rm, tok, [p.prompt for p in held.pairs], [p.chosen for p in held.pairs])
+    rejected = score(rm, tok, [p.prompt for p in held.pairs], [p.rejected for p in held.pairs])
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    n = max(len(margins), 1)
+    results = {
+        "run": str(run_dir),
+        "objective": "reward",
+        "data": str(data_path),
+        "examples": len(margins),
+        "pairwise": {
+            "pairs": len(margins),
+            "accuracy": sum(m > 0 for m in margins) / n,
+            "margin": sum(margins) / n,
+        },
+        "guards": {},
+        "intact": True,
+    }
+    results["verdict"] = verdict_lines(results)
+    _save(run_dir, results)
+    return results
+
+
+def guards(r: dict) -> tuple[dict, bool]:
+    """Each guard's start and fine-tuned values and whether it crossed its limit."""
+    out = {}
+    forgetting = r.get("forgetting")
+    if forgetting:
+        change = forgetting["relative_change"]
+        out["perplexity_change"] = {
+            "value": change,
+            "limit": LIMITS["perplexity_change"],
+            "crossed": change > LIMITS["perplexity_change"],
+        }
+    d = r.get("degeneration")
+    if d:
+        for key in ("repetitive", "off_script", "unfinished"):
+            rise = d["fine-tuned"][key] - d["start"][key]
+            out[key] = {
+                "start": d["start"][key],
+                "fine-tuned": d["fine-tuned"][key],
+                "limit": LIMITS[key],
+                "crossed": rise > LIMITS[key],
+            }
+    return out, not any(g["crossed"] for g in out.values())
+
+
+def verdict_lines(r: dict) -> list[str]:
+    lines = []
+    pw = r.get("pairwise")
+    if pw:
+        lines.append(
+            f"On the objective: held-out pairwise accuracy {pw['accuracy']:.1%} over "
+            f"{pw['pairs']} pairs (margin {pw['margin']:+.3f})"
+            + (
+                f"; chosen log-prob {pw['chosen_logprob_change']:+.2f}, rejected "
+                f"{pw['rejected_logprob_change']:+.2f} per response against the start"
+                if "chosen_logprob_change" in pw
+                else ""
+            )
+            + "."
+        )
+    if "reward" in r:
+        rw = r["reward"]
+        lo, hi = rw["ci95_difference"]
+        lines.append(
+            f"Reward of the run's functions on held-out prompts: {rw['start']:.3f} at the start, "
+            f"{rw['fine-tuned']:.3f} fine-tuned (95% CI of the difference {lo:+.3f} to {hi:+.3f})."
+        )
+    if "property" in r:
+        p = r["property"]
+        lo, hi = p["ci95_points"]
+        lines.append(
+            f"Answers matching /{p['pattern']}/: {p['start']:.1%} at the start, "
+            f"{p['fine-tuned']:.1%} fine-tuned (95% CI {lo:+.1f} to {hi:+.1f} points)."
+        )
+    crossed = [k for k, g in r.get("guards", {}).items() if g["crossed"]]
+    if not r.get("guards"):
+        return lines
+    if crossed:
+        what = ", ".join(_describe(k, r["guards"][k]) for k in crossed)
+        lines.append(f"NOT intact as a language model: {what}.")
+    else:
+        lines.append(
+            "Intact as a language model: general-text perplexity and the degeneration measures "
+            "are within their limits."
+        )
+    return lines
+
+
+def _describe(key: str, g: dict) -> str:
+    if key == "perplexity_change":
+        return f"general-text perplexity {g['value']:+.1%} (limit +{g['limit']:.0%})"
+    names = {
+        "repetitive": "answers that repeat themselves",
+        "off_script": "answers outside the prompt's script",
+        "unfinished": "answers cut at max_new_tokens",
+    }
+    return f"{names[key]} {g['start']:.0%} -> {g['fine-tuned']:.0%}"
+
+
+def report_markdown(r: dict) -> str:
+    out = [f"# Evaluation of {r['run']} ({r['objective']})", "", *r["verdict"], ""]
+    if r.get("guards"):
+        out += [
+            "| guard | start | fine-tuned | limit | crossed |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for k, g in r["guards"].items():
+            start = g.get("start", 0.0)
+            tuned = g.get("fine-tuned", g.get("value"))
+            out.append(f"| {k} | {start:.3f} | {tuned:.3f} | +{g['limit']:.2f} | {g['crossed']} |")
+        out.append("")
+    if "kl_to_start" in r:
+        out += [
+            f"KL to the start on the fine-tuned answers: {r['kl_to_start']:.3f} per answer.",
+            "",
+        ]
+    for i, prompt in enumerate(r.get("prompts", [])[:5]):
+        out += [f"- **{prompt}**"]
+        for name, answers in r["answers"].items():
+            out.append(f"  - {name}: {answers[i]!r}")
+    return "\n".join(out) + "\n"
+
+
+def _save(run_dir: Path, results: dict) -> None:
+    write_atomic(run_dir / "eval.json", json.dumps(results, indent=2))
+    write_atomic(run_dir / "report.md", report_markdown(results))

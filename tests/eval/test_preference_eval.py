@@ -1,0 +1,73 @@
+"""``tuneforge eval`` on preference runs: the objective and the guards of "intact as a language
+model" (degeneration measures against the starting model, general-text perplexity)."""
+
+import json
+
+import pytest
+
+from tuneforge.errors import TuneforgeError
+from tuneforge.eval.preference import degeneration, off_script_share, repetition, scripts
+
+from ..conftest import ROOT, tiny_config, write_jsonl
+
+PREFS = [json.loads(x) for x in (ROOT / "examples/prefs/train.jsonl").read_text().splitlines()]
+
+
+def test_degeneration_measures_by_hand(tokenizer):
+    """'Hope this helps!' x3: 9 words, 7 word 3-grams of which 3 are distinct, so 4/7 repeat an
+    earlier one; a sentence without repeats has none; under 4 3-grams counts as none."""
+    assert repetition("Hope this helps! Hope this helps! Hope this helps!") == pytest.approx(4 / 7)
+    assert repetition("Lima is the capital of Peru and its largest city.") == 0.0
+    assert repetition("a a a a a") == 0.0  # 3 trigrams only
+    assert scripts("Tell me a fact about rivers.") == {"LATIN"}
+    assert scripts("水韵 Catch") == {"CJK", "LATIN"}
+    # 8 letters, 6 of them CJK: 0.75 outside a Latin prompt's script
+    assert off_script_share("水韵著症落火 ab", {"LATIN"}) == pytest.approx(0.75)
+    prompts = [[{"role": "user", "content": "Tell me one short fact about rivers."}]] * 3
+    answers = [
+        "水韵著症",
+        "Rivers flow. Hope this helps! Hope this helps! Hope this helps!",
+        "Fine.",
+    ]
+    tokens = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    assert tokens[0] < tokens[1] and tokens[2] < tokens[1]
+    d = degeneration(prompts, answers, tokenizer, max_new_tokens=tokens[1])
+    assert (d.repetitive, d.off_script) == (pytest.approx(1 / 3), pytest.approx(1 / 3))
+    assert d.unfinished == pytest.approx(1 / 3)  # the repetitive one reached the cap
+    assert d.mean_tokens == pytest.approx(sum(tokens) / 3)
+
+
+def test_an_over_optimised_dpo_run_is_flagged_and_a_sane_one_is_not(tmp_path):
+    """Both runs reach held-out pairwise accuracy 100%: the metric the user watches says nothing.
+    The one trained at a learning rate 5000x higher answers in repetitions that never end, and
+    the report says it is not intact; the other's answers are the start's."""
+    from tuneforge.eval.evaluate import evaluate_run
+    from tuneforge.train import train
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", PREFS[:32])
+    held = write_jsonl(tmp_path / "held.jsonl", PREFS[32:44])
+    results = {}
+    for name, lr, steps in (("sane", 1e-5, 2), ("over", 0.05, 16)):
+        cfg = tiny_config(
+            tmp_path,
+            train_file,
+            held,
+            **{"output_dir": str(tmp_path / name), "training.objective": "dpo",
+               "training.learning_rate": lr, "training.max_steps": steps, "data.max_length": 96,
+               "method.r": 8, "method.lora_alpha": 16},
+        )  # fmt: skip
+        train(cfg)
+        results[name] = evaluate_run(str(tmp_path / name), overrides=["eval.max_new_tokens=24"])
+    sane, over = results["sane"], results["over"]
+    assert sane["pairwise"]["accuracy"] == over["pairwise"]["accuracy"] == 1.0
+    assert sane["intact"] and not over["intact"]
+    assert not any(g["crossed"] for g in sane["guards"].values())
+    assert over["guards"]["repetitive"]["crossed"] and over["kl_to_start"] > 1.0
+    assert sane["answers"]["fine-tuned"] == sane["answers"]["start"]
+    assert over["verdict"][-1].startswith("NOT intact as a language model: answers that repeat")
+    saved = json.loads((tmp_path / "over" / "eval.json").read_text())
+    assert saved["intact"] is False and "NOT intact" in (tmp_path / "over/report.md").read_text()
+    # rejected responses lost far more log-prob than the chosen ones gained
+    assert over["pairwise"]["rejected_logprob_change"] < -1.0
+    with pytest.raises(TuneforgeError, match="--review-sheet applies to sft runs"):
+        evaluate_run(str(tmp_path / "sane"), review_sheet=str(tmp_path / "sheet.csv"))
