@@ -71,3 +71,31 @@ def test_an_over_optimised_dpo_run_is_flagged_and_a_sane_one_is_not(tmp_path):
     assert over["pairwise"]["rejected_logprob_change"] < -1.0
     with pytest.raises(TuneforgeError, match="--review-sheet applies to sft runs"):
         evaluate_run(str(tmp_path / "sane"), review_sheet=str(tmp_path / "sheet.csv"))
+
+
+def test_a_ppo_run_is_scored_by_its_own_reward_on_held_out_prompts(tmp_path):
+    from tuneforge.eval.evaluate import evaluate_run
+    from tuneforge.train import train
+
+    rule = tmp_path / "rule.py"
+    rule.write_text("def score(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
+    train_file = write_jsonl(tmp_path / "train.jsonl", PREFS[:8])
+    held = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p["prompt"]} for p in PREFS[40:46]])
+    cfg = tiny_config(
+        tmp_path,
+        train_file,
+        **{"training.objective": "ppo", "training.reward_function": f"{rule}:score",
+           "training.rollout_batch_size": 4, "training.batch_size": 2, "training.max_steps": 2,
+           "training.response_length": 6, "data.max_length": 96},
+    )  # fmt: skip
+    train(cfg)
+    r = evaluate_run(
+        str(tmp_path / "run"), str(held), ["eval.max_new_tokens=12", "eval.property=\\w"]
+    )
+    assert "pairwise" not in r and r["examples"] == 6
+    lengths = {k: sum(len(a) / 10 for a in v) / 6 for k, v in r["answers"].items()}
+    assert r["reward"]["start"] == pytest.approx(lengths["start"])
+    assert r["reward"]["fine-tuned"] == pytest.approx(lengths["fine-tuned"])
+    assert set(r["guards"]) == {"perplexity_change", "repetitive", "off_script", "unfinished"}
+    assert r["verdict"][0].startswith("The run's reward on held-out prompts")
+    assert r["property"]["pattern"] == "\\w" and 0 <= r["property"]["fine-tuned"] <= 1

@@ -207,6 +207,10 @@ def evaluate_preference_run(
         from tuneforge.train.reward_functions import load_rewards
 
         rewards = load_rewards(t.reward_functions, t.response_length)
+    elif objective == "ppo":
+        from tuneforge.train.reward import make_reward
+
+        rewards = make_reward(t)
     prop = re.compile(e.property) if e.property else None
     from tuneforge.infer.runs import load_for_inference
 
@@ -261,6 +265,9 @@ def evaluate_preference_run(
 
         scored = {}
         for name, a in answers.items():
+            if objective == "ppo":  # its reward model or function
+                scored[name] = rewards(held.prompts, a).tolist()
+                continue
             toks = [len(tok(x, add_special_tokens=False)["input_ids"]) for x in a]
             per = score_all(rewards, held.raw_prompts, a, held.fields, toks)
             scored[name] = combine(per, t.reward_weights).nan_to_num(0.0).tolist()
@@ -366,7 +373,7 @@ def verdict_lines(r: dict) -> list[str]:
         rw = r["reward"]
         lo, hi = rw["ci95_difference"]
         lines.append(
-            f"Reward of the run's functions on held-out prompts: {rw['start']:.3f} at the start, "
+            f"The run's reward on held-out prompts: {rw['start']:.3f} at the start, "
             f"{rw['fine-tuned']:.3f} fine-tuned (95% CI of the difference {lo:+.3f} to {hi:+.3f})."
         )
     if "property" in r:
