@@ -99,3 +99,32 @@ def test_a_ppo_run_is_scored_by_its_own_reward_on_held_out_prompts(tmp_path):
     assert set(r["guards"]) == {"perplexity_change", "repetitive", "off_script", "unfinished"}
     assert r["verdict"][0].startswith("The run's reward on held-out prompts")
     assert r["property"]["pattern"] == "\\w" and 0 <= r["property"]["fine-tuned"] <= 1
+
+
+def test_a_grpo_run_is_scored_by_its_reward_functions_with_the_records_fields(tmp_path):
+    from tuneforge.eval.evaluate import evaluate_run
+    from tuneforge.train import train
+
+    rows = [{"prompt": p["prompt"], "answer": p["chosen"]} for p in PREFS[:12]]
+    train_file = write_jsonl(tmp_path / "train.jsonl", rows[:8])
+    held = write_jsonl(tmp_path / "held.jsonl", rows[8:])
+    rule = tmp_path / "rule.py"
+    rule.write_text(  # needs the field: the held-out records' answers reach it
+        "def score(prompts, completions, answer):\n"
+        "    return [float(len(c) > len(a)) for c, a in zip(completions, answer)]\n"
+    )
+    cfg = tiny_config(
+        tmp_path,
+        train_file,
+        **{"training.objective": "grpo", "training.reward_functions": f"['{rule}:score']",
+           "training.rollout_batch_size": 2, "training.num_generations": 2,
+           "training.batch_size": 4, "training.max_steps": 1, "training.response_length": 4,
+           "data.max_length": 96},
+    )  # fmt: skip
+    train(cfg)
+    r = evaluate_run(str(tmp_path / "run"), str(held), ["eval.max_new_tokens=6"])
+    answers = r["answers"]
+    refs = [x["answer"] for x in rows[8:]]
+    for name in ("start", "fine-tuned"):
+        expected = sum(len(c) > len(a) for c, a in zip(answers[name], refs, strict=True)) / 4
+        assert r["reward"][name] == pytest.approx(expected)
