@@ -78,11 +78,17 @@ def test_reference_is_the_adapter_disabled_model_and_precomputing_gives_the_same
     )
     torch.testing.assert_close(loss_a, loss_b)
     assert metrics_a.keys() == {
+        "logps_chosen",
+        "logps_rejected",
         "rewards_chosen",
         "rewards_rejected",
         "rewards_margin",
         "rewards_accuracy",
     }
+    with torch.no_grad():  # the summed response log-probs, for the displacement warning
+        chosen, rejected = sequence_logps(model, batch).chunk(2)
+    torch.testing.assert_close(metrics_a["logps_chosen"], chosen.sum())
+    torch.testing.assert_close(metrics_a["logps_rejected"], rejected.sum())
 
 
 class Crash(Exception):
