@@ -1,10 +1,10 @@
 """DPO from the base model on a sign-off style task, over learning rates and betas: does the
 preferred property rise, and does the model stay intact (general-text perplexity, degeneration)?
 
-The data are made here, not taken from examples/prefs: 360 short "tell me a fact" prompts over
-many topics; the built-in model answers each (greedy, as it would anyway), and a pair is that
-answer with a friendly sign-off appended (chosen) against the bare answer (rejected). 320 pairs
-train, 40 are held out. Each setting trains LoRA r16 on q/k/v/o for one epoch (40 steps of 8
+The data are made here, not taken from examples/prefs: short "tell me a fact" prompts over many
+topics; the built-in model answers each (greedy, as it would anyway; answers it does not finish
+within 64 tokens are left out), and a pair is that answer with a friendly sign-off appended
+(chosen) against the bare answer (rejected). 320 pairs train, 40 are held out (fewer when fewer answers finish: 160 and 21 in the measured run). Each setting trains LoRA r16 on q/k/v/o for one epoch (40 steps of 8
 pairs) and is scored by `tuneforge eval` (eval/preference.py) with `eval.property` = the
 sign-off at the end of the answer. Numbers are printed, not asserted.
 
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 SIGN_OFF = "Hope this helps!"
+MAX_ANSWER = 64  # tokens; the held-out answers get 96
 TOPICS = (
     "rivers cats volcanoes honey bees the moon deserts owls glaciers coffee chess bread salt "
     "whales tea copper maps clocks bridges tigers rain lightning paper glass silk pepper rice "
@@ -43,6 +44,8 @@ ASKS = (
 
 
 def make_data(out: Path, n_train: int = 320, n_held: int = 40) -> tuple[Path, Path]:
+    """The pairs, made once into ``out`` (the model's own finished answers, with and without
+    the sign-off)."""
     from tuneforge.infer.generate import generate
     from tuneforge.models import load_model
 
@@ -53,15 +56,17 @@ def make_data(out: Path, n_train: int = 320, n_held: int = 40) -> tuple[Path, Pa
     for ask in ASKS:
         for topic in dict.fromkeys(TOPICS):
             prompts.append(ask.format(topic))
-    prompts = prompts[: n_train + n_held]
+    prompts = prompts[: n_train + n_held + 100]  # room for the answers that do not finish
     model, tok, _ = load_model("smollm2-135m-instruct")
     answers = generate(
-        model, tok, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=40
+        model, tok, [[{"role": "user", "content": p}] for p in prompts], max_new_tokens=MAX_ANSWER
     )
+    # only answers the model finished (an answer cut at the limit with a sign-off glued on
+    # would teach something else)
     rows = [
         {"prompt": p, "chosen": f"{a.strip()} {SIGN_OFF}", "rejected": a.strip()}
         for p, a in zip(prompts, answers, strict=True)
-        if a.strip()
+        if a.strip() and len(tok(a, add_special_tokens=False)["input_ids"]) < MAX_ANSWER - 2
     ]
     out.mkdir(parents=True, exist_ok=True)
     # held-out prompts share no topic-ask pair with training; every 9th row is held out
@@ -107,7 +112,7 @@ def main() -> int:
         secs = time.perf_counter() - start
         r = evaluate_run(
             str(out / name),
-            overrides=[f"eval.property={SIGN_OFF}\\s*$", "eval.max_new_tokens=48"],
+            overrides=[f"eval.property={SIGN_OFF}\\s*$", "eval.max_new_tokens=96"],
         )
         g = r["guards"]
         rows.append(
@@ -127,12 +132,16 @@ def main() -> int:
             )
         )
         print(json.dumps({"setting": name, "verdict": r["verdict"]}), flush=True)
-    print(f"\nDPO from {args.model}, {n_train} sign-off pairs, 1 epoch, LoRA r16; 40 held-out prompts")
+    n_held = sum(1 for _ in held_file.open())
+    print(
+        f"\nDPO from {args.model}, {n_train} sign-off pairs, 1 epoch, LoRA r16; "
+        f"{n_held} held-out pairs"
+    )
     print(
         "| lr | beta | steps | held-out pair acc | sign-off share start -> tuned | "
         "general-text ppl | repetitive | off-script | cut | intact | train s |"
     )
-    print("| --- " * 11 + "| --- |")
+    print("| --- " * 11 + "|")
     for lr, beta, steps, acc, s0, s1, ppl, rep, off, cut, ok, secs in rows:
         print(
             f"| {lr} | {beta} | {steps} | {acc:.0%} | {s0:.0%} -> {s1:.0%} | {ppl:+.1%} | "
