@@ -87,7 +87,9 @@ def main() -> int:
 
     n = len(refs)
     print(f"\ndates task, {n} held-out prompts (examples/dates/test.jsonl), greedy")
-    print(f"reward: {' + '.join(f'{w:g} x {r.name}' for w, r in zip(t.reward_weights, rewards))}")
+    print(
+        f"reward: {' + '.join(f'{w:g} x {r.name}' for w, r in zip(t.reward_weights or [1.0] * len(rewards), rewards, strict=True))}"
+    )
     print("| stage | exact match | mean reward | training s |\n| --- | --- | --- | --- |")
     for name, em, reward, secs in rows:
         print(f"| {name} | {em:.1f}% | {reward:.3f} | {secs} |")
