@@ -137,3 +137,14 @@ def tiny_lora_runs(tmp_path_factory):
     """Two LoRA runs on tiny-llama (test_chat, test_serve)."""
     tmp = tmp_path_factory.mktemp("chat")
     return train_tiny_run(tmp, "run-a", "apple"), train_tiny_run(tmp, "run-b", "zebra", seed=1)
+
+
+def assert_same_lora_update(a: dict, b: dict, rtol: float = 1e-4) -> None:
+    """Two LoRA adapters (safetensors dicts) trained from the same start agree within ``rtol``
+    of the update; lora_B starts at zero, so its norm is the size of the update (which must be
+    visible, or the comparison would say nothing)."""
+    update = max(float(v.norm()) for k, v in a.items() if "lora_B" in k)
+    assert update > 1e-4, "no update to compare"
+    assert a.keys() == b.keys()
+    for k in a:
+        assert float((b[k] - a[k]).norm()) <= rtol * update, k

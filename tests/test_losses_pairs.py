@@ -87,6 +87,23 @@ def test_kto_loss_by_hand():
 
 
 # -- against TRL: KTO -------------------------------------------------------------------------------
+def trl_kto_self():
+    """What ``KTOTrainer._compute_loss`` reads of its trainer: precomputed reference log-probs,
+    the KL term on, beta 0.5, weights 1.33 / 0.7 (as in the tests' own calls)."""
+    from accelerate import Accelerator
+    from trl import KTOTrainer
+
+    ns = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=Accelerator(cpu=True),
+        precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=0.5,
+        desirable_weight=1.33, undesirable_weight=0.7, aux_loss_enabled=False,
+        _total_train_tokens=0, _tp_size=1,
+        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
+    )  # fmt: skip
+    ns._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(ns, m, b)
+    return ns
+
+
 def test_kto_loss_matches_trl():
     """TRL 1.16's ``KTOTrainer._compute_loss`` (precomputed reference log-probs) with a fake
     policy whose log-prob of a token is ``table[token]``, against ``kto_kl`` on the mismatched
@@ -94,7 +111,6 @@ def test_kto_loss_matches_trl():
     ``kto_loss`` averaged over examples. beta 0.5, weights 1.33 / 0.7, a reference point > 0.
     Loss, the ``kl`` metric and the gradient on the table agree."""
     pytest.importorskip("trl")
-    from accelerate import Accelerator
     from trl import KTOTrainer
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
@@ -122,14 +138,7 @@ def test_kto_loss_matches_trl():
         )
     ]  # fmt: skip
     batch = DataCollatorForUnpairedPreference(pad_token_id=0)(examples)
-    ns = SimpleNamespace(
-        model=SimpleNamespace(training=True), accelerator=Accelerator(cpu=True),
-        precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=0.5,
-        desirable_weight=1.33, undesirable_weight=0.7, aux_loss_enabled=False,
-        _total_train_tokens=0, _tp_size=1,
-        _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
-    )  # fmt: skip
-    ns._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(ns, m, b)
+    ns = trl_kto_self()
     theirs = KTOTrainer._compute_loss(ns, fake_model, batch, return_outputs=False)
 
     policy = torch.stack([ours_table[c].sum() for c in completions])
@@ -427,7 +436,6 @@ def test_kto_objective_matches_trl_on_the_same_model(tiny):
     completion i - 1 in the collator). The reference is a perturbed copy of the tiny Llama; TRL
     is given its log-probs precomputed on TRL's own rows. Loss and reference point agree."""
     pytest.importorskip("trl")
-    from accelerate import Accelerator
     from trl import KTOTrainer
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
@@ -466,14 +474,7 @@ def test_kto_objective_matches_trl_on_the_same_model(tiny):
             )
             out = ref_view(trl_batch[f"{key}input_ids"], trl_batch[f"{key}attention_mask"], labels)
             trl_batch[f"ref_{key}logps"] = out.log_probs.sum(-1)
-        ns = SimpleNamespace(
-            model=SimpleNamespace(training=True), accelerator=Accelerator(cpu=True),
-            precompute_ref_logps=True, calculate_KL=True, loss_type="kto", beta=0.5,
-            desirable_weight=1.33, undesirable_weight=0.7, aux_loss_enabled=False,
-            _total_train_tokens=0, _tp_size=1,
-            _metrics={"train": collections.defaultdict(list), "eval": collections.defaultdict(list)},
-        )  # fmt: skip
-        ns._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(ns, m, b)
+        ns = trl_kto_self()
         theirs = KTOTrainer._compute_loss(ns, fused_head_view(model), trl_batch, False)
 
         objective = KTOObjective(0.5, 1.33, 0.7, reference=reference)

@@ -11,7 +11,7 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.train import train
 from tuneforge.train.reward_functions import combine, load_rewards, score_all
 
-from ..conftest import ROOT, run_cli, tiny_config, write_jsonl
+from ..conftest import ROOT, assert_same_lora_update, run_cli, tiny_config, write_jsonl
 
 DATES = [json.loads(x) for x in (ROOT / "examples/dates/train.jsonl").read_text().splitlines()]
 # a reward that varies on tiny-llama's random text (the exact-match one never fires there), and
@@ -60,10 +60,10 @@ def test_builtin_rewards_by_hand():
     got = score_all(rewards, ["p"] * 3, completions, fields, completion_tokens=[4, 10, 20])
     expected = torch.tensor(
         [
-            # exact_match compares stripped, case-folded text (as eval's exact_match)
+            # exact_match is eval's: whitespace trimmed and collapsed, case kept ('a' != 'A')
             [1.0, 0.0, 1.0, 0.0, -0.4],
             [0.0, 1.0, 0.0, 0.0, -1.0],  # regex must match the whole completion
-            [1.0, 0.0, 0.0, 1.0, -1.0],  # length: minus the share of response_length, capped
+            [0.0, 0.0, 0.0, 1.0, -1.0],  # length: minus the share of response_length, capped
         ]
     )
     torch.testing.assert_close(got, expected)
@@ -147,11 +147,7 @@ def test_gradient_accumulation_4x1_equals_1x4(tmp_path, loss_type):
         )
         train(cfg)
         runs[name] = load_file(str(tmp_path / name / "adapter/adapter_model.safetensors"))
-    # lora_B starts at zero: its norm is the size of the update
-    update = max(float(v.norm()) for k, v in runs["one"].items() if "lora_B" in k)
-    assert update > 1e-3
-    for k, a in runs["one"].items():
-        assert float((runs["four"][k] - a).norm()) <= 1e-4 * update, k
+    assert_same_lora_update(runs["one"], runs["four"])
 
 
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path):

@@ -25,12 +25,7 @@ import torch
 
 from tuneforge.config import Config
 from tuneforge.data.io import read_records
-from tuneforge.data.preference import (
-    collate_pairs,
-    prompt_messages,
-    render_pair,
-    to_preference,
-)
+from tuneforge.data.preference import collate_pairs, render_pair, to_preference, to_prompt_record
 from tuneforge.errors import TuneforgeError
 from tuneforge.eval.metrics import paired_bootstrap_ci
 from tuneforge.eval.perplexity import read_texts, resolve_general_text, samples_nll, text_samples
@@ -120,15 +115,11 @@ def load_held_out(path: str, cfg: Config, max_examples: int = 0) -> HeldOut:
         pairs = [to_preference(r, cfg.data.system_prompt) for r in records]
         raw = [r.data["prompt"] for r in records]
         return HeldOut([p.prompt for p in pairs], raw, {}, pairs, str(path))
-    prompts, raw, fields = [], [], {}
-    for r in records:
-        key = "messages" if "prompt" not in r.data and "messages" in r.data else "prompt"
-        prompts.append(prompt_messages(r, cfg.data.system_prompt, "held-out prompts", key))
-        raw.append(r.data[key])
-        for k, v in r.data.items():
-            if k not in (key, "completion", "label"):
-                fields.setdefault(k, []).append(v)
-    fields = {k: v for k, v in fields.items() if len(v) == len(records)}
+    items = [to_prompt_record(r, cfg.data.system_prompt) for r in records]
+    # the fields every record has (KTO's completion and label are not a reward's)
+    common = set.intersection(*(set(it.fields) for it in items)) - {"completion", "label"}
+    fields = {k: [it.fields[k] for it in items] for k in sorted(common)}
+    prompts, raw = [it.messages for it in items], [it.prompt for it in items]
     return HeldOut(prompts, raw, fields, [], str(path))
 
 

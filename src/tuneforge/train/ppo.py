@@ -157,7 +157,6 @@ class PPOTrainer(RolloutTrainer):
         loggers: list | None = None,
     ):
         R, mb = cfg.rollout_batch_size, cfg.batch_size * cfg.gradient_accumulation
-        self.updates_per_step = cfg.num_ppo_epochs * (R // mb)
         super().__init__(
             model,
             model.lm,
@@ -168,7 +167,7 @@ class PPOTrainer(RolloutTrainer):
             run_dir,
             device,
             adapter,
-            self.updates_per_step,
+            cfg.num_ppo_epochs * (R // mb),
             loggers,
         )
         self.reward = reward

@@ -23,14 +23,9 @@ from pathlib import Path
 import torch
 
 from tuneforge.errors import TuneforgeError
+from tuneforge.eval.metrics import exact_match_scores
 
 BUILTINS = ("exact_match", "regex", "json_valid", "length")
-
-
-def normalise_answer(text: str) -> str:
-    """What exact match compares: surrounding whitespace and case dropped, inner runs of
-    whitespace made one space (as eval's exact_match)."""
-    return " ".join(str(text).split()).lower()
 
 
 def exact_match(field: str):
@@ -41,10 +36,7 @@ def exact_match(field: str):
                 f"reward exact_match: the prompt records have no '{field}' field (fields: {keys}); "
                 f"add it, or name the field as exact_match:FIELD"
             )
-        return [
-            float(normalise_answer(c) == normalise_answer(a))
-            for c, a in zip(completions, fields[field], strict=True)
-        ]
+        return exact_match_scores(completions, [str(a) for a in fields[field]])
 
     return reward
 
