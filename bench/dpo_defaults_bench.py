@@ -8,7 +8,7 @@ within 64 tokens are left out), and a pair is that answer with a friendly sign-o
 pairs) and is scored by `tuneforge eval` (eval/preference.py) with `eval.property` = the
 sign-off at the end of the answer. Numbers are printed, not asserted.
 
-    .venv/bin/python bench/dpo_defaults_bench.py --settings 5e-4:0.1,1e-4:0.1,5e-5:0.1
+    .venv/bin/python bench/dpo_defaults_bench.py --settings 5e-4:0.1,5e-4:0.1:1,2e-4:0.1:1
 """
 
 from __future__ import annotations
@@ -83,7 +83,11 @@ def main() -> int:
     from tuneforge.train import train
 
     p = argparse.ArgumentParser()
-    p.add_argument("--settings", default="5e-4:0.1,1e-4:0.1,5e-5:0.1", help="lr:beta,...")
+    p.add_argument(
+        "--settings",
+        default="5e-4:0.1,5e-4:0.1:1,2e-4:0.1:1",
+        help="lr:beta[:rpo_alpha],... (rpo_alpha: weight of the chosen responses' NLL, default 0)",
+    )
     p.add_argument("--out", default="bench_runs/dpo_defaults")
     p.add_argument("--model", default="smollm2-135m-instruct", help="the starting model")
     args = p.parse_args()
@@ -92,8 +96,8 @@ def main() -> int:
     n_train = sum(1 for _ in train_file.open())
     rows = []
     for setting in args.settings.split(","):
-        lr, beta = setting.split(":")
-        name = f"lr{lr}-beta{beta}"
+        lr, beta, rpo = (setting.split(":") + ["0"])[:3]
+        name = f"lr{lr}-beta{beta}-rpo{rpo}"
         cfg = load_config(
             ROOT / "configs" / "dpo.yaml",
             [
@@ -103,6 +107,7 @@ def main() -> int:
                 f"data.eval={held_file}",
                 f"training.learning_rate={lr}",
                 f"training.beta={beta}",
+                f"training.rpo_alpha={rpo}",
                 "training.early_stopping_patience=0",
                 "training.eval_steps=0",
             ],
@@ -119,6 +124,7 @@ def main() -> int:
             (
                 lr,
                 beta,
+                rpo,
                 summary["steps"],
                 r["pairwise"]["accuracy"],
                 r["property"]["start"],
@@ -138,13 +144,13 @@ def main() -> int:
         f"{n_held} held-out pairs"
     )
     print(
-        "| lr | beta | steps | held-out pair acc | sign-off share start -> tuned | "
+        "| lr | beta | rpo_alpha | steps | held-out pair acc | sign-off share start -> tuned | "
         "general-text ppl | repetitive | off-script | cut | intact | train s |"
     )
-    print("| --- " * 11 + "|")
-    for lr, beta, steps, acc, s0, s1, ppl, rep, off, cut, ok, secs in rows:
+    print("| --- " * 12 + "|")
+    for lr, beta, rpo, steps, acc, s0, s1, ppl, rep, off, cut, ok, secs in rows:
         print(
-            f"| {lr} | {beta} | {steps} | {acc:.0%} | {s0:.0%} -> {s1:.0%} | {ppl:+.1%} | "
+            f"| {lr} | {beta} | {rpo} | {steps} | {acc:.0%} | {s0:.0%} -> {s1:.0%} | {ppl:+.1%} | "
             f"{rep:.0%} | {off:.0%} | {cut:.0%} | {ok} | {secs:.0f} |"
         )
     return 0

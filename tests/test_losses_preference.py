@@ -144,6 +144,8 @@ def test_dpo_loss_matches_trl_on_the_same_model(tmp_path):
 
     from tuneforge.data.preference import Preference, collate_pairs, render_pair
     from tuneforge.models import load_model
+    from tuneforge.train.dpo import DPOObjective
+    from tuneforge.train.loop import per_unit
     from tuneforge.train.policy import labelled_logprobs, response_token_counts
 
     model, tok, _ = load_model("tiny-llama")
@@ -182,3 +184,15 @@ def test_dpo_loss_matches_trl_on_the_same_model(tmp_path):
         ours = dpo_loss(pc, pr, rc, rr, 0.3, loss_type, nc, nr)[0].mean()
         assert float(ours) > 0
         torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-6)
+
+    # RPO: DPO plus rpo_alpha x the chosen responses' mean NLL per token is TRL's
+    # loss_type [sigmoid, sft] with loss_weights [1, rpo_alpha]
+    trainer.loss_types, trainer.loss_weights = ["sigmoid", "sft"], [1.0, 0.5]
+    with torch.no_grad():
+        theirs = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+        objective = DPOObjective(0.3, "sigmoid", rpo_alpha=0.5)
+        with_ref = {**batch, "reference_logps": torch.cat([rc, rr])}
+        sums, metrics = objective.loss_sum(model, with_ref)
+        ours = per_unit(sums, objective.units(batch))
+    assert float(sums["tokens"]) > 0 and "nll_chosen" in metrics
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-6)

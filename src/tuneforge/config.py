@@ -221,6 +221,20 @@ class TrainingConfig:
     early_stopping_patience: int = _f(
         0, "Stop after N evaluations without improvement in eval loss (0: never stop early)."
     )
+    guard_prompts: int = _f(
+        16,
+        "dpo, orpo, simpo, kto: held-out prompts the model answers (greedy) at each evaluation; "
+        "their KL to the starting model and degeneration measures (repetition, another script, "
+        "no end of turn) against the starting model's answers go into metrics.jsonl as "
+        "eval_guard_*, with a warning line when one crosses its limit. 0: off.",
+    )
+    guard_max_new_tokens: int = _f(64, "dpo, orpo, simpo, kto: longest guard answer, in tokens.")
+    max_kl: float | None = _f(
+        None,
+        "dpo, orpo, simpo, kto with an adapter method: stop when the guard answers' KL to the "
+        "starting model (nats per answer) passes this, keeping the last weights within it "
+        "(unset: never).",
+    )
     save_steps: int = _f(0, "Write a checkpoint every N optimizer steps (0: at each evaluation).")
     save_total_limit: int = _f(2, "Checkpoints to keep (oldest removed first).")
     logging_steps: int = _f(1, "Append to metrics.jsonl every N optimizer steps.")
@@ -277,6 +291,13 @@ class TrainingConfig:
         0.0,
         "simpo: weight of the NLL of the chosen responses added to the loss (TRL's cpo_alpha; "
         "0 is SimPO as published).",
+    )
+    rpo_alpha: float = _f(
+        0.0,
+        "dpo: weight of the chosen responses' NLL (a mean over their tokens) added to the DPO "
+        "loss: RPO (Pang et al. 2024), TRL's loss_type [sigmoid, sft] with loss_weights [1, "
+        "rpo_alpha]. It keeps the chosen responses likely, so DPO cannot raise the margin by "
+        "pushing both responses down; 0 is DPO as published.",
     )
     desirable_weight: float = _f(
         1.0, "kto: weight of the desirable (label true) examples' losses (lambda_D)."
@@ -741,6 +762,10 @@ DATA_STEPS = {
 OBJECTIVE_KEYS = {
     "simpo_gamma": ("simpo",),
     "cpo_alpha": ("simpo",),
+    "rpo_alpha": ("dpo",),
+    "guard_prompts": ("dpo", "orpo", "simpo", "kto"),
+    "guard_max_new_tokens": ("dpo", "orpo", "simpo", "kto"),
+    "max_kl": ("dpo", "orpo", "simpo", "kto"),
     "desirable_weight": ("kto",),
     "undesirable_weight": ("kto",),
     "reward_functions": ("grpo",),
@@ -768,7 +793,7 @@ def _validate_preference(cfg: Config, bad) -> None:
     defaults = TrainingConfig()
     for key, objectives in OBJECTIVE_KEYS.items():
         if getattr(t, key) != getattr(defaults, key) and t.objective not in objectives:
-            bad(f"training.{key}", f"applies to objective {' and '.join(objectives)} only")
+            bad(f"training.{key}", f"applies to objective {', '.join(objectives)} only")
     for key, table in (("beta", BETA_DEFAULTS), ("loss_type", LOSS_TYPES)):
         if getattr(t, key) is not None and t.objective not in table:
             bad(f"training.{key}", f"applies to objective {', '.join(table)} only")
@@ -792,7 +817,7 @@ def _validate_preference(cfg: Config, bad) -> None:
             bad("training.beta", f"must be >= 0, got {t.beta}")
     elif t.beta is not None and t.beta <= 0:
         bad("training.beta", f"must be positive, got {t.beta}")
-    nonnegative = {"simpo": ("simpo_gamma", "cpo_alpha"), "kto": ()}
+    nonnegative = {"simpo": ("simpo_gamma", "cpo_alpha"), "dpo": ("rpo_alpha",)}
     for key in nonnegative.get(t.objective, ()):
         if getattr(t, key) < 0:
             bad(f"training.{key}", f"must be >= 0, got {getattr(t, key)}")
@@ -808,6 +833,8 @@ def _validate_preference(cfg: Config, bad) -> None:
             )
     if t.objective == "grpo":
         _validate_grpo(t, bad)
+    if t.objective in OBJECTIVE_KEYS["max_kl"]:
+        _validate_guards(cfg, bad)
     if t.objective != "ppo":
         return
     if bool(t.reward_model) == bool(t.reward_function):
@@ -848,6 +875,28 @@ def _validate_rollouts(t, bad, samples: int, counts: tuple[str, ...]) -> None:
         )
     if t.temperature <= 0:
         bad("training.temperature", f"must be positive, got {t.temperature}")
+
+
+def _validate_guards(cfg: Config, bad) -> None:
+    t = cfg.training
+    if t.guard_prompts < 0:
+        bad("training.guard_prompts", f"must be >= 0, got {t.guard_prompts}")
+    if t.guard_max_new_tokens < 1:
+        bad("training.guard_max_new_tokens", f"must be at least 1, got {t.guard_max_new_tokens}")
+    if t.max_kl is None:
+        return
+    if t.max_kl <= 0:
+        bad("training.max_kl", f"must be positive, got {t.max_kl}")
+    if t.guard_prompts == 0:
+        bad("training.max_kl", "needs the guards: set training.guard_prompts above 0")
+    if not cfg.data.eval and not cfg.data.eval_split:
+        bad("training.max_kl", "needs eval data (data.eval or data.eval_split) to answer")
+    if cfg.method.name == "full":
+        bad(
+            "training.max_kl",
+            "needs an adapter method: its reference is the adapter disabled (full fine-tuning "
+            "keeps no starting model in memory)",
+        )
 
 
 def _validate_grpo(t, bad) -> None:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tuneforge.errors import TuneforgeError
-from tuneforge.eval.preference import degeneration, off_script_share, repetition, scripts
+from tuneforge.eval.degeneration import degeneration, off_script_share, repetition, scripts
 
 from ..conftest import ROOT, tiny_config, write_jsonl
 
@@ -37,16 +37,17 @@ def test_degeneration_measures_by_hand(tokenizer):
     assert d.mean_tokens == pytest.approx(sum(tokens) / 3)
 
 
-def test_an_over_optimised_dpo_run_is_flagged_and_a_sane_one_is_not(tmp_path):
+def test_an_over_optimised_dpo_run_is_flagged_and_a_sane_one_is_not(tmp_path, capfd):
     """Both runs reach held-out pairwise accuracy 100%: the metric the user watches says nothing.
-    The one trained at a learning rate 5000x higher answers in repetitions that never end, and
-    the report says it is not intact; the other's answers are the start's."""
+    The one trained at a learning rate 5000x higher answers in repetitions that never end: the
+    guards warn during its training, and the report says it is not intact; the other's answers
+    are the start's, and nothing warns."""
     from tuneforge.eval.evaluate import evaluate_run
     from tuneforge.train import train
 
     train_file = write_jsonl(tmp_path / "train.jsonl", PREFS[:32])
     held = write_jsonl(tmp_path / "held.jsonl", PREFS[32:44])
-    results = {}
+    results, printed = {}, {}
     for name, lr, steps in (("sane", 1e-5, 2), ("over", 0.05, 16)):
         cfg = tiny_config(
             tmp_path,
@@ -57,20 +58,66 @@ def test_an_over_optimised_dpo_run_is_flagged_and_a_sane_one_is_not(tmp_path):
                "method.r": 8, "method.lora_alpha": 16},
         )  # fmt: skip
         train(cfg)
+        printed[name] = "".join(capfd.readouterr())
         results[name] = evaluate_run(str(tmp_path / name), overrides=["eval.max_new_tokens=24"])
     sane, over = results["sane"], results["over"]
     assert sane["pairwise"]["accuracy"] == over["pairwise"]["accuracy"] == 1.0
     assert sane["intact"] and not over["intact"]
     assert not any(g["crossed"] for g in sane["guards"].values())
-    assert over["guards"]["repetitive"]["crossed"] and over["kl_to_start"] > 1.0
+    assert over["guards"]["repetitive"]["crossed"]
+    assert over["kl_to_start"] > 0.1 and abs(sane["kl_to_start"]) < 1e-3
     assert sane["answers"]["fine-tuned"] == sane["answers"]["start"]
     assert over["verdict"][-1].startswith("NOT intact as a language model: answers that repeat")
     saved = json.loads((tmp_path / "over" / "eval.json").read_text())
     assert saved["intact"] is False and "NOT intact" in (tmp_path / "over/report.md").read_text()
     # rejected responses lost far more log-prob than the chosen ones gained
     assert over["pairwise"]["rejected_logprob_change"] < -1.0
-    with pytest.raises(TuneforgeError, match="--review-sheet applies to sft runs"):
-        evaluate_run(str(tmp_path / "sane"), review_sheet=str(tmp_path / "sheet.csv"))
+    assert "warning:" not in printed["sane"]
+    warnings = [x for x in printed["over"].splitlines() if x.startswith("warning: at step")]
+    assert any("held-out answers repeat themselves" in x for x in warnings), printed["over"]
+
+
+def test_a_blind_review_sheet_of_a_dpo_run_against_its_start(tmp_path):
+    """``--review-sheet`` on a DPO run: the fine-tuned and the starting model's answers to the
+    held-out prompts, sides shuffled; scored, the win rate goes into the run's report.md."""
+    import csv
+
+    from tuneforge.eval.evaluate import evaluate_run, score_sheet
+    from tuneforge.train import train
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", PREFS[:8])
+    held = write_jsonl(tmp_path / "held.jsonl", PREFS[8:14])
+    cfg = tiny_config(
+        tmp_path, train_file, held,
+        **{"training.objective": "dpo", "training.max_steps": 2, "data.max_length": 96},
+    )  # fmt: skip
+    train(cfg)
+    run = str(tmp_path / "run")
+    with pytest.raises(TuneforgeError, match="--gguf applies to sft runs"):
+        evaluate_run(run, gguf="x.gguf")
+    with pytest.raises(TuneforgeError, match="folder for --review-sheet does not exist"):
+        evaluate_run(run, review_sheet=str(tmp_path / "no" / "sheet.csv"))
+    assert not (tmp_path / "run" / "eval.json").exists()  # refused before any work
+    r = evaluate_run(
+        run, review_sheet=str(tmp_path / "sheet.csv"), overrides=["eval.max_new_tokens=8"]
+    )
+    rows = list(csv.DictReader((tmp_path / "sheet.csv").open()))
+    key = list(csv.DictReader((tmp_path / "sheet.key.csv").open()))
+    assert [row["prompt"] for row in rows] == r["prompts"] and len(rows) == 6
+    for row, k in zip(rows, key, strict=True):
+        side = k["fine_tuned_side"]
+        tuned = r["answers"]["fine-tuned"][int(row["id"]) - 1]
+        assert row["answer_a" if side == "A" else "answer_b"] == tuned and k["baseline"] == "start"
+        row["rating"] = side  # the reviewer prefers the fine-tuned answer every time
+    with (tmp_path / "sheet.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    scored = score_sheet(str(tmp_path / "sheet.csv"), run=run)
+    assert scored["wins"] == 6 and scored["losses"] == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "Reviewers preferred the fine-tuned model over start in 6 of 6" in report
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["review"]["wins"] == 6
 
 
 def test_a_ppo_run_is_scored_by_its_own_reward_on_held_out_prompts(tmp_path):

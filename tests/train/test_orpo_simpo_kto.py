@@ -22,15 +22,15 @@ def kto_rows(n: int) -> list[dict]:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+@pytest.mark.parametrize("objective", ["orpo", "simpo", "dpo"])
 def test_gradient_accumulation_4x1_equals_1x4(tmp_path, objective):
     """The pair term is a mean over the step's pairs and the NLL term (ORPO; SimPO with
-    cpo_alpha) a mean over the step's chosen tokens: 4 pairs in one micro-batch or in four
-    give the same update, although the pairs' lengths differ."""
+    cpo_alpha; DPO with rpo_alpha) a mean over the step's chosen tokens: 4 pairs in one
+    micro-batch or in four give the same update, although the pairs' lengths differ."""
     data = write_jsonl(tmp_path / "pairs.jsonl", PREFS[:4])
     runs = {}
     for name, bs, acc in (("one", 4, 1), ("four", 1, 4)):
-        extra = {"training.cpo_alpha": 0.5} if objective == "simpo" else {}
+        extra = {"simpo": {"training.cpo_alpha": 0.5}, "dpo": {"training.rpo_alpha": 0.5}}
         cfg = tiny_config(
             tmp_path,
             data,
@@ -41,7 +41,7 @@ def test_gradient_accumulation_4x1_equals_1x4(tmp_path, objective):
                 "training.gradient_accumulation": acc,
                 "training.max_steps": 1,
                 "data.max_length": 96,
-                **extra,
+                **extra.get(objective, {}),
             },
         )
         train(cfg)

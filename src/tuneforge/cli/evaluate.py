@@ -41,7 +41,8 @@ def add_parsers(sub) -> None:
         "--review-sheet",
         default=None,
         metavar="CSV",
-        help="also write a blind A/B sheet (fine-tuned vs a prompting baseline, sides random)",
+        help="also write a blind A/B sheet (fine-tuned vs a prompting baseline, or vs the "
+        "starting model for preference and RL runs; sides random)",
     )
     e.add_argument(
         "--score-sheet",

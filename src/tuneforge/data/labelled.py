@@ -40,6 +40,7 @@ class LabelledSample:
     prompt_length: int
     desirable: bool
     source: str
+    messages: list[dict] | None = None  # the prompt (generation guards answer it)
 
     def __len__(self) -> int:
         return len(self.sample)
@@ -116,7 +117,7 @@ def render_labelled(tokenizer, items: list[Labelled], max_length: int):
         stats.truncated += len(sample) > max_length
         stats.rendered += 1
         cut = Sample(sample.input_ids[:max_length], sample.labels[:max_length])
-        out.append(LabelledSample(cut, p, item.desirable, item.source))
+        out.append(LabelledSample(cut, p, item.desirable, item.source, item.prompt))
     return out, stats
 
 

@@ -40,6 +40,7 @@ class PairSample:
     prompt_length: int
     source: str
     reference_logps: tuple[float, float] | None = None  # (chosen, rejected), when precomputed
+    messages: list[dict] | None = None  # the prompt (generation guards answer it)
 
     def __len__(self) -> int:
         return max(len(self.chosen), len(self.rejected))
@@ -167,6 +168,7 @@ def render_pair(tokenizer, pref: Preference, max_length: int) -> tuple[PairSampl
         Sample(rejected.input_ids[:max_length], rejected.labels[:max_length]),
         p,
         pref.source,
+        messages=pref.prompt,
     )
     if cut.chosen.labels == cut.rejected.labels:
         return None, "identical"

@@ -138,7 +138,7 @@ def evaluate_run(
     if cfg.training.objective != "sft":  # preference and RL runs: eval/preference.py
         from tuneforge.eval.preference import evaluate_preference_run
 
-        return evaluate_preference_run(run_dir, cfg, data_path, review_sheet, gguf)
+        return evaluate_preference_run(run_dir, cfg, data_path, review_sheet, review_key, gguf)
     evalset = load_eval_set(data_path, cfg.data.format, cfg.data.system_prompt, e.max_examples)
     shots = few_shot_examples(
         cfg.data.train, e.few_shot_k, e.seed, evalset, cfg.data.format, cfg.data.system_prompt
@@ -343,16 +343,27 @@ def score_sheet(sheet: str, key: str | None = None, run: str | None = None) -> d
             raise TuneforgeError(f"'{run}': has no eval.json yet; run `tuneforge eval {run}` first")
         results = json.loads(path.read_text())
         results["review"] = result
-        save_results(run_dir, results)
+        if results.get("objective", "sft") != "sft":
+            from tuneforge.eval.preference import save_preference_results
+
+            save_preference_results(run_dir, results)
+        else:
+            save_results(run_dir, results)
     return result
 
 
 def summary_lines(r: dict) -> list[str]:
     """What ``tuneforge eval`` prints: the score table and the plain statements."""
     if r.get("objective", "sft") != "sft":
+        rs = r.get("review_sheet")
         return [
             f"{r['examples']} held-out examples from {r['data']} ({r['objective']} run)",
             *r["verdict"],
+            *(
+                [f"review sheet: {rs['sheet']} (fine-tuned vs start; key: {rs['key']})"]
+                if rs
+                else []
+            ),
             f"report: {Path(r['run']) / 'report.md'} (and eval.json)",
         ]
     systems = list(r["scores"])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,73 +26,12 @@ from tuneforge.config import Config
 from tuneforge.data.io import read_records
 from tuneforge.data.preference import collate_pairs, render_pair, to_preference, to_prompt_record
 from tuneforge.errors import TuneforgeError
+from tuneforge.eval.degeneration import LIMITS, degeneration, kl_to_start
 from tuneforge.eval.metrics import paired_bootstrap_ci
 from tuneforge.eval.perplexity import read_texts, resolve_general_text, samples_nll, text_samples
 from tuneforge.files import write_atomic
 from tuneforge.infer.generate import generate
 from tuneforge.train.policy import labelled_logprobs, response_token_counts
-
-# the guards of "intact as a language model": (measure, largest allowed rise over the starting
-# model, in the measure's own unit)
-LIMITS = {
-    "perplexity_change": 0.10,  # general-text perplexity, relative (+10%)
-    "repetitive": 0.10,  # share of answers that repeat themselves, +10 points
-    "off_script": 0.05,  # share of answers mostly outside the prompt's script, +5 points
-    "unfinished": 0.20,  # share of answers cut at max_new_tokens, +20 points
-}
-
-
-# -- degeneration measures --------------------------------------------------------------------------
-def repetition(text: str, n: int = 3) -> float:
-    """Share of an answer's word n-grams that repeat an earlier one (0 for fewer than 4)."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    if len(grams) < 4:
-        return 0.0
-    return 1 - len(set(grams)) / len(grams)
-
-
-def scripts(text: str) -> set[str]:
-    """The scripts of the letters in ``text`` (LATIN, CJK, CYRILLIC, ...), by Unicode name."""
-    out = set()
-    for ch in text:
-        if ch.isalpha():
-            name = unicodedata.name(ch, "")
-            out.add(name.split(" ")[0] if name else "UNKNOWN")
-    return out
-
-
-def off_script_share(text: str, allowed: set[str]) -> float:
-    """Share of the letters of ``text`` whose script is not in ``allowed``."""
-    letters = [ch for ch in text if ch.isalpha()]
-    if not letters:
-        return 0.0
-    return sum(not (scripts(ch) <= allowed) for ch in letters) / len(letters)
-
-
-@dataclass
-class Degeneration:
-    """Shares of answers (0..1) and their mean length in tokens."""
-
-    repetitive: float  # more than a quarter of their word 3-grams repeat
-    off_script: float  # more than a tenth of their letters outside the prompt's scripts
-    unfinished: float  # reached max_new_tokens without an end of turn
-    mean_tokens: float
-
-
-def degeneration(prompts, answers: list[str], tokenizer, max_new_tokens: int) -> Degeneration:
-    n = max(len(answers), 1)
-    tokens = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
-    off = 0
-    for p, a in zip(prompts, answers, strict=True):
-        allowed = scripts(" ".join(m["content"] for m in p)) or {"LATIN"}
-        off += off_script_share(a, allowed) > 0.1
-    return Degeneration(
-        repetitive=sum(repetition(a) > 0.25 for a in answers) / n,
-        off_script=off / n,
-        unfinished=sum(t >= max_new_tokens for t in tokens) / n,
-        mean_tokens=sum(tokens) / n,
-    )
 
 
 # -- held-out data -----------------------------------------------------------------------------------
@@ -162,32 +100,22 @@ def implicit_margins(objective: str, beta: float, tuned: dict, base: dict) -> li
 
 
 # -- the evaluation ---------------------------------------------------------------------------------
-@torch.no_grad()
-def answer_kl(tuned, base, tokenizer, prompts, answers: list[str], batch_size: int = 8) -> float:
-    """Mean over answers of ``sum_t log p_tuned - log p_start`` on the fine-tuned model's own
-    answers: a Monte Carlo KL(fine-tuned || start) per answer (greedy answers: an estimate)."""
-    from tuneforge.data.preference import pad_rows
-    from tuneforge.data.render import render_reply
-
-    device = next(tuned.parameters()).device
-    total = 0.0
-    rows = [render_reply(tokenizer, p, a)[0] for p, a in zip(prompts, answers, strict=True)]
-    for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in pad_rows(rows[i : i + batch_size], 0).items()}
-        total += float((labelled_logprobs(tuned, batch) - labelled_logprobs(base, batch)).sum())
-    return total / max(len(rows), 1)
-
-
 def evaluate_preference_run(
-    run_dir: Path, cfg: Config, data_path: str, review_sheet=None, gguf=None
+    run_dir: Path, cfg: Config, data_path: str, review_sheet=None, review_key=None, gguf=None
 ) -> dict:
     """The evaluation of a reward, dpo, orpo, simpo, kto, ppo or grpo run; see the module
-    docstring. Writes eval.json and report.md into the run."""
-    if review_sheet or gguf:
-        which = "--review-sheet" if review_sheet else "--gguf"
+    docstring. Writes eval.json and report.md into the run, and with ``review_sheet`` a blind
+    sheet of the fine-tuned against the starting model's answers (eval/review.py)."""
+    if gguf:
         raise TuneforgeError(
-            f"{which} applies to sft runs; this run's objective is {cfg.training.objective}"
+            f"--gguf applies to sft runs; this run's objective is {cfg.training.objective}"
         )
+    if review_sheet:
+        if cfg.training.objective == "reward":
+            raise TuneforgeError("--review-sheet: a reward run does not answer prompts")
+        parent = Path(review_sheet).resolve().parent
+        if not parent.is_dir():
+            raise TuneforgeError(f"{parent}: folder for --review-sheet does not exist")
     e, t = cfg.eval, cfg.training
     objective = t.objective
     held = load_held_out(data_path, cfg, e.max_examples)
@@ -250,7 +178,7 @@ def evaluate_preference_run(
         name: asdict(degeneration(held.prompts, a, tok, e.max_new_tokens))
         for name, a in answers.items()
     }
-    results["kl_to_start"] = answer_kl(tuned, base, tok, held.prompts, answers["fine-tuned"])
+    results["kl_to_start"] = kl_to_start(tuned, base, tok, held.prompts, e.max_new_tokens, e.seed)
     if rewards is not None:
         from tuneforge.train.reward_functions import combine, score_all
 
@@ -289,7 +217,15 @@ def evaluate_preference_run(
     results["guards"], results["intact"] = guards(results)
     results["verdict"] = verdict_lines(results)
     results["seconds"] = round(time.perf_counter() - start, 1)
-    _save(run_dir, results)
+    if review_sheet:
+        from tuneforge.eval.review import write_review_sheet
+
+        sheet, key = write_review_sheet(
+            review_sheet, results["prompts"], answers["fine-tuned"], answers["start"], "start",
+            e.seed, review_key,
+        )  # fmt: skip
+        results["review_sheet"] = {"sheet": str(sheet), "key": str(key), "baseline": "start"}
+    save_preference_results(run_dir, results)
     return results
 
 
@@ -317,7 +253,7 @@ def _reward_run(run_dir: Path, cfg: Config, held: HeldOut, data_path: str) -> di
         "intact": True,
     }
     results["verdict"] = verdict_lines(results)
-    _save(run_dir, results)
+    save_preference_results(run_dir, results)
     return results
 
 
@@ -416,6 +352,13 @@ def report_markdown(r: dict) -> str:
             f"KL to the start on the fine-tuned answers: {r['kl_to_start']:.3f} per answer.",
             "",
         ]
+    if r.get("review_sheet"):
+        rs = r["review_sheet"]
+        out += [f"Blind review sheet (fine-tuned vs start): {rs['sheet']}; key: {rs['key']}.", ""]
+    if r.get("review"):
+        from tuneforge.eval.review import describe_review
+
+        out += [describe_review(r["review"]), ""]
     for i, prompt in enumerate(r.get("prompts", [])[:5]):
         out += [f"- **{prompt}**"]
         for name, answers in r["answers"].items():
@@ -423,6 +366,6 @@ def report_markdown(r: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _save(run_dir: Path, results: dict) -> None:
+def save_preference_results(run_dir: Path, results: dict) -> None:
     write_atomic(run_dir / "eval.json", json.dumps(results, indent=2))
     write_atomic(run_dir / "report.md", report_markdown(results))

@@ -33,20 +33,28 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 
 class DPOObjective:
-    """DPO-family loss summed over pairs; the loop normalises per pair.
+    """DPO-family loss summed over pairs, and (``rpo_alpha`` > 0) the chosen responses' NLL summed
+    over their tokens: the loop divides each by its own count over the whole optimizer step
+    (``unit_keys``), so the loss is the mean over pairs plus ``rpo_alpha`` times the mean NLL per
+    chosen token (RPO, Pang et al. 2024; TRL's ``loss_type=["sigmoid", "sft"]`` with
+    ``loss_weights=[1, rpo_alpha]``). The NLL keeps the chosen responses likely, against DPO's
+    tendency to lower both responses' log-probs (likelihood displacement).
 
     Batches are ``collate_pairs`` batches (B chosen rows, then B rejected rows), with
     ``reference_logps`` when precomputed. Reports the implicit rewards, their margin and accuracy.
     """
 
     name = "dpo"
+    unit_keys = ("pairs", "tokens")
 
-    def __init__(self, beta: float, loss_type: str = "sigmoid"):
+    def __init__(self, beta: float, loss_type: str = "sigmoid", rpo_alpha: float = 0.0):
         self.beta = beta
         self.loss_type = loss_type
+        self.rpo_alpha = rpo_alpha
 
-    def units(self, batch: dict[str, torch.Tensor]) -> int:
-        return batch["input_ids"].size(0) // 2
+    def units(self, batch: dict[str, torch.Tensor]) -> dict[str, int]:
+        chosen = response_token_counts(batch["labels"]).chunk(2)[0]
+        return {"pairs": batch["input_ids"].size(0) // 2, "tokens": int(chosen.sum())}
 
     def reference_logps(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "reference_logps" in batch:
@@ -72,7 +80,10 @@ class DPOObjective:
             "rewards_margin": (chosen_rewards - rejected_rewards).sum(),
             "rewards_accuracy": (chosen_rewards > rejected_rewards).float().sum(),
         }
-        return losses.sum(), metrics
+        nll = -pc.sum() if self.rpo_alpha else pc.new_zeros(())
+        if self.rpo_alpha:
+            metrics["nll_chosen"] = nll.detach()
+        return {"pairs": losses.sum(), "tokens": self.rpo_alpha * nll}, metrics
 
 
 @torch.no_grad()

@@ -102,12 +102,16 @@ class BestKeeper:
         self.patience, self.higher = patience, higher_is_better
         self.best_state: dict | None = best_state  # restored from a checkpoint, when resuming
 
-    def update(self, step: int, value: float, metrics: dict | None = None) -> bool:
-        """Record an eval at ``step``; returns whether training should stop early now."""
+    def update(
+        self, step: int, value: float, metrics: dict | None = None, eligible: bool = True
+    ) -> bool:
+        """Record an eval at ``step``; returns whether training should stop early now. An eval
+        that is not ``eligible`` (a guard's limit passed) is never the best."""
         state = self.state
         state["eval_history"].append([step, value])
         best = state[self.key]
-        if best is None or (value > best if self.higher else value < best):
+        better = best is None or (value > best if self.higher else value < best)
+        if eligible and better:
             state.update({self.key: value, "best_step": step, "bad_evals": 0})
             if metrics is not None:
                 state["best_eval_metrics"] = metrics
@@ -218,8 +222,12 @@ class Trainer:
         group_by_length: bool = False,
         dist: Dist | None = None,
         loggers: list | None = None,
+        guard=None,
     ):
         self.model = model
+        self.guard = guard  # train/guards.py: the model's answers measured at each evaluation
+        self.chosen_logps: list[float] = []  # held-out chosen log-probs at each eval (DPO-style)
+        self.displacement_warned = False
         self.loggers = loggers or []  # e.g. TensorBoardLogger: .log(record), .close()
         self.objective = objective
         self.eval_samples = eval_samples
@@ -476,6 +484,10 @@ class Trainer:
         keeper = BestKeeper(
             self.model, state, "best_eval_loss", cfg.early_stopping_patience, best_state=best_state
         )
+        if self.guard is not None and self.guard.max_kl is not None:
+            if state["best_step"] is None and keeper.best_state is None:
+                # the weights to keep if no evaluation is within max_kl: the start's
+                keeper.best_state = trainable_state(self.model)
         self.model.train()
         bar = tqdm(
             total=self.total_steps,
@@ -491,8 +503,6 @@ class Trainer:
         first_step = self.total_steps if stopped_early else state["global_step"]
         main = self.dist.is_main
         say = bar.write if main else (lambda msg: None)  # tqdm.write ignores disable=
-        chosen: list[float] = []  # held-out chosen log-probs at each eval (DPO-style objectives)
-        warned = False
         with open(metrics_path if main else os.devnull, "a") as metrics:
             for step in range(first_step, self.total_steps):
                 t0 = time.perf_counter()
@@ -535,33 +545,10 @@ class Trainer:
                     tok_s=f"{out['tokens'] / dt:.0f}",
                 )
                 bar.update(1)
-                evaluated = False
+                evaluated = over_kl = False
                 if self._eval_due(step + 1):
                     evaluated = True
-                    eval_loss = self.evaluate()
-                    stopped_early = keeper.update(step + 1, eval_loss, self.last_eval_metrics)
-                    eval_metrics = {
-                        f"eval_{k}": round(v, 6) for k, v in self.last_eval_metrics.items()
-                    }
-                    log_record(
-                        metrics,
-                        self.loggers,
-                        {
-                            "step": step + 1,
-                            "eval_loss": round(eval_loss, 6),
-                            **eval_metrics,
-                            "best_step": state["best_step"],
-                        },
-                    )
-                    say(
-                        f"step {step + 1}: eval_loss {eval_loss:.4f} (best {state['best_eval_loss']:.4f} at step {state['best_step']})"
-                    )
-                    if "logps_chosen" in self.last_eval_metrics and not warned:
-                        chosen.append(self.last_eval_metrics["logps_chosen"])
-                        warning = displacement_warning(chosen)
-                        if warning:
-                            say(warning)
-                            warned = True
+                    stopped_early, over_kl = self._eval_step(step + 1, keeper, metrics, say)
                 metrics.flush()
                 save = self._save_due(step + 1, evaluated) or stopped_early
                 if save and not out.get("skipped"):  # never checkpoint inside a bad streak
@@ -583,9 +570,10 @@ class Trainer:
                             optimizer_state=full.get("optimizer"),
                         )
                 if stopped_early:
-                    say(
-                        f"early stopping: no eval improvement in {cfg.early_stopping_patience} evaluations"
-                    )
+                    if not over_kl:
+                        say(
+                            f"early stopping: no eval improvement in {cfg.early_stopping_patience} evaluations"
+                        )
                     break
         bar.close()
         for logger in self.loggers:
@@ -604,6 +592,47 @@ class Trainer:
             supervised_tokens=state["supervised_tokens"],
             best_eval_metrics=state.get("best_eval_metrics", {}),
         )
+
+    def _eval_step(self, step: int, keeper: BestKeeper, metrics, say) -> tuple[bool, bool]:
+        """Evaluate after ``step``: the eval loss and metrics, the guard's readings and warnings,
+        the best weights so far; returns (stop now, the guard's ``max_kl`` was passed)."""
+        state = keeper.state
+        eval_loss = self.evaluate()
+        readings, over_kl = {}, False
+        if self.guard is not None:
+            readings = self.guard.measure()
+            self.last_eval_metrics.update(readings)
+            over_kl = self.guard.over_limit(readings)
+        stop = keeper.update(step, eval_loss, self.last_eval_metrics, eligible=not over_kl)
+        eval_metrics = {f"eval_{k}": round(v, 6) for k, v in self.last_eval_metrics.items()}
+        record = {"step": step, "eval_loss": round(eval_loss, 6), **eval_metrics}
+        log_record(metrics, self.loggers, {**record, "best_step": state["best_step"]})
+        best = state["best_eval_loss"]
+        say(
+            f"step {step}: eval_loss {eval_loss:.4f} "
+            + (
+                f"(best {best:.4f} at step {state['best_step']})"
+                if best is not None
+                else "(none within training.max_kl)"
+            )
+        )
+        for line in self.guard.warnings(step, readings) if readings else ():
+            say(line)
+        if "logps_chosen" in self.last_eval_metrics and not self.displacement_warned:
+            self.chosen_logps.append(self.last_eval_metrics["logps_chosen"])
+            warning = displacement_warning(self.chosen_logps)
+            if warning:
+                say(warning)
+                self.displacement_warned = True
+        if over_kl:
+            kept = state["best_step"]
+            say(
+                f"stopping: the held-out answers' KL to the starting model "
+                f"({readings['guard_kl']:.2f} nats) passed training.max_kl ({self.cfg.max_kl:g}) "
+                f"at step {step}; keeping the weights of "
+                + (f"step {kept}" if kept else "the start (no evaluation was within it)")
+            )
+        return stop or over_kl, over_kl
 
     def _gather_for_checkpoint(self, best: dict | None) -> dict:
         """FSDP2: the full weights, optimizer state and best weights, gathered onto rank 0

@@ -65,7 +65,7 @@ class PairRun(ObjectiveRun):
         if self.name == "reward":
             objective = RewardObjective()
         elif self.name == "dpo":
-            objective = DPOObjective(t.beta, t.loss_type)
+            objective = DPOObjective(t.beta, t.loss_type, t.rpo_alpha)
         else:
             objective = ReferenceFreeObjective(self.name, t.beta, t.simpo_gamma, t.cpo_alpha)
         return pair_loop(ctx, model, data, objective, lambda pairs: collate_pairs(pairs, pad))

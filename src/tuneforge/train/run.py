@@ -100,6 +100,7 @@ class ObjectiveRun:
 def pair_loop(ctx: RunContext, model, data, objective, collate) -> LoopResult:
     """The shared loop over items that a custom ``collate`` batches (pairs, labelled
     completions), as the objectives other than sft run it."""
+    from tuneforge.train.guards import make_guard
     from tuneforge.train.loop import Trainer
 
     trainer = Trainer(
@@ -115,6 +116,7 @@ def pair_loop(ctx: RunContext, model, data, objective, collate) -> LoopResult:
         group_by_length=ctx.cfg.data.group_by_length,
         dist=ctx.dist,
         loggers=ctx.loggers,
+        guard=make_guard(ctx, data),
     )
     return trainer.run(resume=ctx.resume)
 
