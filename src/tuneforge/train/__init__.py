@@ -43,11 +43,17 @@ def objective_run(cfg: Config, loss=None) -> ObjectiveRun:
     raise ValueError(f"unknown objective {name}")  # config validation prevents this
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, objective=None) -> dict:
+def train(
+    cfg: Config, resume: bool = False, overwrite: bool = False, objective=None, loggers=None
+) -> dict:
     """Fine-tune ``cfg.model`` as configured; returns the run summary (also saved as summary.json).
 
     Everything that can fail because of the user's input (config, model reference, data) is checked
     before the run folder is created or changed. Under torchrun / ``--nproc`` every rank runs this;
     only rank 0 writes. ``objective``: a custom SFT loss object (see ``objective_run``).
+    ``loggers``: objects with ``log(record)`` and ``close()`` that get every metrics.jsonl record
+    besides ``training.report_to``'s (rank 0 only; e.g. the sweep's pruning hook).
     """
-    return run(cfg, objective_run(cfg, objective), resume=resume, overwrite=overwrite)
+    return run(
+        cfg, objective_run(cfg, objective), resume=resume, overwrite=overwrite, loggers=loggers
+    )

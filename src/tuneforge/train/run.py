@@ -159,7 +159,13 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run(cfg: Config, objective: ObjectiveRun, resume: bool = False, overwrite: bool = False):
+def run(
+    cfg: Config,
+    objective: ObjectiveRun,
+    resume: bool = False,
+    overwrite: bool = False,
+    loggers: list | None = None,
+):
     """Train ``cfg`` with ``objective``; returns the run summary (also saved as summary.json)."""
     return_freed_memory()  # glibc: freed tensors go back to the system (accel/memory.py)
     check_processes(cfg, objective, int(os.environ.get("WORLD_SIZE", "1")))
@@ -173,7 +179,8 @@ def run(cfg: Config, objective: ObjectiveRun, resume: bool = False, overwrite: b
     say = log if dist.is_main else (lambda msg: None)
     # made now so a missing package fails before the run folder is touched; they write nothing
     # before the first record (only rank 0 logs)
-    loggers = make_loggers(cfg.training.report_to, run_dir) if dist.is_main else []
+    extra = list(loggers or [])
+    loggers = make_loggers(cfg.training.report_to, run_dir) + extra if dist.is_main else []
     try:
         sharded = dist.enabled and not trains_adapter(cfg.method)
         if sharded:
