@@ -435,6 +435,39 @@ class EvalConfig:
 
 
 @dataclass
+class SweepConfig:
+    """`tuneforge sweep`: the search space and how to search it (read by sweep only)."""
+
+    params: dict = _f(
+        {},
+        "Search space: dotted key -> list of values ([1e-4, 3e-4]) or a range ({low: 1e-5, "
+        "high: 1e-3, log: true}; random and tpe only). --param KEY=V1,V2 or KEY=LOW:HIGH[:log] "
+        "on the command line adds or replaces one.",
+    )
+    seeds: int = _f(1, "Seeds per setting (training.seed, +1, ...): the interval is over them.")
+    trials: int = _f(0, "Settings to try (0: every grid point; random and tpe need a number).")
+    search: str = _f(
+        "grid", "grid | random | tpe (Optuna's samplers).", choices=("grid", "random", "tpe")
+    )
+    metric: str = _f(
+        "eval_loss",
+        "What a setting is judged by, on data.eval (or eval.data): eval_loss (best eval loss, "
+        "lower is better) or a task metric measured by generation (exact_match, token_f1, ...).",
+    )
+    prune: bool = _f(
+        True,
+        "Stop a setting whose eval loss is behind the median of earlier settings at the same "
+        "step (Optuna's MedianPruner, on its first seed).",
+    )
+    timeout_minutes: float = _f(0.0, "Start no new setting after this many minutes (0: none).")
+    storage: str = _f(
+        "",
+        "Where the sweep's state lives: a SQLAlchemy URL (postgresql://..., sqlite:///...) that "
+        "several machines can share; empty: sqlite in output_dir/sweep.db.",
+    )
+
+
+@dataclass
 class Config:
     """A tuneforge run."""
 
@@ -446,6 +479,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     trust_remote_code: bool = _f(False, "Allow model code from the model folder (off by default).")
 
 
@@ -454,6 +488,7 @@ SECTIONS = {
     "data": DataConfig,
     "training": TrainingConfig,
     "eval": EvalConfig,
+    "sweep": SweepConfig,
 }
 
 
@@ -491,6 +526,10 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
                 errors.append(str(e))
         names = " or ".join(_type_name(a) for a in args if a is not type(None))
         raise TuneforgeError(f"{where}'{key}' must be {names}, got {value!r}")
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise TuneforgeError(f"{where}'{key}' must be a mapping, got {value!r}")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -983,7 +1022,12 @@ def _require_bitsandbytes(method: str, optimizer: str, bad) -> None:
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain data; the sweep section only when it says something (a run's
+    config.yaml never carries one)."""
+    out = dataclasses.asdict(cfg)
+    if cfg.sweep == SweepConfig():
+        del out["sweep"]
+    return out
 
 
 def dump_config(cfg: Config, path: Path) -> None:

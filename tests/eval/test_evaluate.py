@@ -126,6 +126,24 @@ def test_overfitting_view_reads_the_run_metrics(results, tiny_run):
     assert len(o["curves"]["train"]) == 24 and f"at step {o['best_step']} of 24" in o["text"]
 
 
+def test_eval_advice_follows_from_the_run_curves_and_forgetting(results, tiny_run):
+    """eval.json's advice is eval/advice.py's on the run's own metrics and the measured
+    perplexity change; the printed summary and report.md carry the same lines."""
+    from tuneforge.eval.advice import advice
+    from tuneforge.eval.evaluate import summary_lines
+    from tuneforge.eval.overfitting import read_curves
+
+    r, _ = results
+    run = tiny_run[0]
+    change = r["forgetting"]["relative_change"]
+    assert r["advice"] == advice(read_curves(run), 0, change)
+    assert any(x.startswith("Forgetting") for x in r["advice"]) == (change > 0.10)
+    lines = summary_lines(r)
+    assert all(x in lines for x in r["advice"])
+    md = (run / "report.md").read_text()
+    assert all(x in md for x in r["advice"]) and ("## Advice" in md) == bool(r["advice"])
+
+
 def test_eval_writes_report_and_review_sheet(results, tiny_run):
     r, sheet = results
     run = tiny_run[0]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tuneforge.config import Config, load_config
 from tuneforge.errors import TuneforgeError
+from tuneforge.eval.advice import advice
 from tuneforge.eval.baselines import (
     BASE_FEW,
     BASE_ZERO,
@@ -272,6 +273,11 @@ def evaluate_run(
         "forgetting": forgetting,
         "gguf": gguf_result,
         "overfitting": overfit,
+        "advice": advice(
+            curves,
+            cfg.training.early_stopping_patience,
+            forgetting["relative_change"] if forgetting else None,
+        ),
         "prompts": [p[-1]["content"] for p in evalset.prompts],
         "references": evalset.references,
         "sources": evalset.sources,
@@ -359,6 +365,7 @@ def summary_lines(r: dict) -> list[str]:
         return [
             f"{r['examples']} held-out examples from {r['data']} ({r['objective']} run)",
             *r["verdict"],
+            *r.get("advice", ()),
             *(
                 [f"review sheet: {rs['sheet']} (fine-tuned vs start; key: {rs['key']})"]
                 if rs
@@ -382,6 +389,7 @@ def summary_lines(r: dict) -> list[str]:
     if r["forgetting"]:
         lines.append(r["forgetting"]["text"].replace("`", ""))
     lines.append(r["overfitting"]["text"])
+    lines.extend(r.get("advice", ()))  # eval.json files written before the advice have none
     if r.get("review_sheet"):
         rs = r["review_sheet"]
         lines.append(

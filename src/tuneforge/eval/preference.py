@@ -26,6 +26,7 @@ from tuneforge.config import Config
 from tuneforge.data.io import read_records
 from tuneforge.data.preference import collate_pairs, render_pair, to_preference, to_prompt_record
 from tuneforge.errors import TuneforgeError
+from tuneforge.eval.advice import forgetting as forgetting_advice
 from tuneforge.eval.degeneration import LIMITS, degeneration, kl_to_start
 from tuneforge.eval.metrics import paired_bootstrap_ci
 from tuneforge.eval.perplexity import read_texts, resolve_general_text, samples_nll, text_samples
@@ -216,6 +217,7 @@ def evaluate_preference_run(
         }
     results["guards"], results["intact"] = guards(results)
     results["verdict"] = verdict_lines(results)
+    results["advice"] = advice_lines(results)
     results["seconds"] = round(time.perf_counter() - start, 1)
     if review_sheet:
         from tuneforge.eval.review import write_review_sheet
@@ -324,6 +326,13 @@ def verdict_lines(r: dict) -> list[str]:
     return lines
 
 
+def advice_lines(r: dict) -> list[str]:
+    """What to change, from the evidence (eval/advice.py): forgetting, when it was measured."""
+    f = r.get("forgetting")
+    line = forgetting_advice(f["relative_change"], r["objective"]) if f else None
+    return [line] if line else []
+
+
 def _describe(key: str, g: dict) -> str:
     if key == "perplexity_change":
         return f"general-text perplexity {g['value']:+.1%} (limit +{g['limit']:.0%})"
@@ -337,6 +346,8 @@ def _describe(key: str, g: dict) -> str:
 
 def report_markdown(r: dict) -> str:
     out = [f"# Evaluation of {r['run']} ({r['objective']})", "", *r["verdict"], ""]
+    if r.get("advice"):  # eval.json files written before the advice have none
+        out += ["## Advice", "", *r["advice"], ""]
     if r.get("guards"):
         out += [
             "| guard | start | fine-tuned | limit | crossed |",

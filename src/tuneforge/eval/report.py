@@ -177,6 +177,10 @@ def build_blocks(r: dict) -> list[Block]:
     if png:
         b.append(Block("image", "Train and eval loss", png=png, name="eval_loss_curves.png"))
 
+    if r.get("advice"):  # eval.json files written before the advice have none
+        b.append(Block("heading", "Advice"))
+        b.extend(Block("text", line) for line in r["advice"])
+
     if r.get("review"):
         b.append(Block("heading", "Human review"))
         b.append(Block("text", r["review"]["text"]))

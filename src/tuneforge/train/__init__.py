@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tuneforge.config import Config
+from tuneforge.errors import TuneforgeError
 from tuneforge.train.run import (  # noqa: F401  (the package's API)
     ObjectiveRun,
     check_fsdp_optimizer,
@@ -54,6 +55,12 @@ def train(
     ``loggers``: objects with ``log(record)`` and ``close()`` that get every metrics.jsonl record
     besides ``training.report_to``'s (rank 0 only; e.g. the sweep's pruning hook).
     """
+    if cfg.sweep.params:
+        raise TuneforgeError(
+            "the config has a sweep section with params: run it with `tuneforge sweep CONFIG`; "
+            "`tuneforge train` trains one setting (remove the sweep section, or use a sweep's "
+            "best.yaml)"
+        )
     return run(
         cfg, objective_run(cfg, objective), resume=resume, overwrite=overwrite, loggers=loggers
     )

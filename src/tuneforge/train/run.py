@@ -224,6 +224,7 @@ def run(
                 model, lm, full_weights(model, trainable_only=False)
             )
         if dist.is_main:
+            summary["advice"] = training_advice(cfg, run_dir, result)
             save_trained(lm, tokenizer, cfg, run_dir, state_dict=lm_weights)
             objective.save_extra(ctx, model, extra_weights)
             write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -231,7 +232,21 @@ def run(
     finally:
         shutdown(dist)
     say(objective.finished(ctx, result))
+    for line in summary.get("advice", ()):
+        say(line)
     return summary
+
+
+def training_advice(cfg: Config, run_dir: Path, result: LoopResult) -> list[str]:
+    """What the run's own loss curves say to change (eval/advice.py); rank 0, after training."""
+    from tuneforge.eval.advice import advice
+    from tuneforge.eval.overfitting import read_curves
+
+    curves = read_curves(run_dir)
+    # the loop's own record: summary.json, which read_curves consults, is not written yet
+    curves.best_step, curves.stopped_early = result.best_step, result.stopped_early
+    t = cfg.training
+    return advice(curves, t.early_stopping_patience, objective=t.objective)
 
 
 def split_lm_weights(model: torch.nn.Module, lm: torch.nn.Module, weights: dict) -> tuple:

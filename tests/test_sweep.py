@@ -1,0 +1,265 @@
+"""``tuneforge sweep``: the search space checked before any trial, the results over seeds,
+continuing a killed sweep, two workers on one SQLite study, pruning, the interval arithmetic."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuneforge.errors import TuneforgeError
+
+from .conftest import ROOT, run_cli, write_jsonl
+
+DATES = [json.loads(x) for x in (ROOT / "examples/dates/train.jsonl").read_text().splitlines()]
+
+
+def sweep_config(tmp_path: Path, sweep: dict | None, **training) -> Path:
+    """A tiny-llama LoRA config with a sweep section, in tmp_path."""
+    train = write_jsonl(tmp_path / "train.jsonl", DATES[:16])
+    held = write_jsonl(tmp_path / "eval.jsonl", DATES[16:22])
+    cfg = {
+        "model": "tiny-llama",
+        "output_dir": str(tmp_path / "sweep"),
+        "method": {"name": "lora", "r": 4, "lora_alpha": 8},
+        "data": {"train": str(train), "eval": str(held), "max_length": 96},
+        "training": {"max_steps": 4, "eval_steps": 2, "batch_size": 4, "progress": False,
+                     **training},
+    }  # fmt: skip
+    if sweep is not None:
+        cfg["sweep"] = sweep
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+SPACE = {"params": {"training.learning_rate": [1e-3, 4e-3], "method.r": [2, 4]}}
+
+
+@pytest.mark.parametrize(
+    "params, extra, message",
+    [
+        (["--param", "method.rr=2,4"], [], "sweep.params.method.rr = 2: unknown key 'rr' in method; did you mean 'r'?"),
+        (["--param", "method.r="], [], "'sweep.params.method.r' is an empty list"),
+        (["--param", "method.r=two,4"], [], "sweep.params.method.r = 'two': 'method.r' must be an integer"),
+        (["--param", "method.r=2,2"], [], "lists a value twice"),
+        (["--param", "training.learning_rate=1e-4:1e-2"], [], "is a range; a grid needs a list of values"),
+        (["--param", "training.learning_rate=1e-2:1e-4:log", "--search", "tpe", "--trials", "2"], [], "low must be below high"),
+        (["--param", "method.r=2,4", "--search", "random"], [], "'sweep.trials' must be set for search random"),
+        (["--param", "method.r=2,4", "--metric", "exactmatch"], [], "unknown metric 'exactmatch'"),
+        (["--param", "training.seed=1,2"], [], "is set by the sweep itself"),
+        (["--param", "method.r=2,4"], ["data.eval=null"], "a sweep judges settings on eval data"),
+        (["--param", "method.r=0,4"], [], "sweep.params.method.r = 0: 'method.r' must be"),
+        ([], [], "no search space"),
+    ],
+)  # fmt: skip
+def test_bad_search_spaces_are_one_line_before_any_trial(tmp_path, params, extra, message):
+    config = sweep_config(tmp_path, None)
+    r = run_cli("sweep", str(config), *extra, *params)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "sweep").exists()  # nothing trained, no database
+
+
+def test_train_refuses_a_config_with_a_search_space(tmp_path):
+    r = run_cli("train", str(sweep_config(tmp_path, SPACE)))
+    assert r.returncode == 2 and "run it with `tuneforge sweep CONFIG`" in r.stderr
+
+
+def test_a_grid_over_two_seeds_gives_each_setting_its_mean_and_interval(tmp_path):
+    """2 settings x 2 seeds: four ordinary run folders; each setting's per-seed values are
+    its runs' best eval losses, its mean and t interval are computed from them, the table is
+    best first, best.yaml is the best setting as a train config; running the command again
+    trains nothing."""
+    from tuneforge.config import load_config
+    from tuneforge.sweep import mean_ci
+
+    space = {"training.learning_rate": [4e-3], "method.r": [2, 4]}
+    config = sweep_config(tmp_path, {"params": space, "seeds": 2, "prune": False})
+    r = run_cli("sweep", str(config))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "sweep"
+    results = json.loads((out / "sweep.json").read_text())
+    settings = results["settings"]
+    assert len(settings) == 2 and all(s["state"] == "COMPLETE" for s in settings)
+    assert sorted(s["params"]["method.r"] for s in settings) == [2, 4]
+    assert all(list(s["params"]) == ["training.learning_rate", "method.r"] for s in settings)
+    for s in settings:
+        assert list(s["values"]) == ["42", "43"]
+        for seed, value in s["values"].items():
+            run = (
+                out
+                / "trials"
+                / f"learning_rate-{s['params']['training.learning_rate']}_r-{s['params']['method.r']}"
+                / f"seed-{seed}"
+            )
+            summary = json.loads((run / "summary.json").read_text())
+            assert summary["best_eval_loss"] == pytest.approx(value)
+            saved = load_config(run / "config.yaml")
+            assert saved.training.seed == int(seed) and saved.method.r == s["params"]["method.r"]
+        mean, lo, hi = mean_ci(list(s["values"].values()))
+        assert s["mean"] == pytest.approx(mean) and s["ci95"] == pytest.approx([lo, hi])
+    means = [s["mean"] for s in settings]
+    assert means == sorted(means)  # eval loss: lowest first
+    assert results["best"] == settings[0] and "seeds" in results["comparison"]["text"]
+    best = load_config(out / "best.yaml")
+    assert best.method.r == settings[0]["params"]["method.r"]
+    assert best.training.learning_rate == settings[0]["params"]["training.learning_rate"]
+    assert not best.sweep.params and best.output_dir == str(out / "best")
+    assert (out / "sweep.png").stat().st_size > 1000 and "| setting |" in (
+        out / "sweep.md"
+    ).read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("trials/*/*/summary.json")}
+    assert len(stamps) == 4
+    again = run_cli("sweep", str(config))
+    assert again.returncode == 0 and "seed 42" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.glob("trials/*/*/summary.json")} == stamps
+    # another space in the same folder is refused
+    other = run_cli("sweep", str(config), "--param", "method.r=2,8")
+    assert other.returncode == 2 and "started with another search space" in other.stderr
+
+
+def _wait_for(predicate, timeout: float, proc=None) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the sweep ended early: {proc.stderr.read()}")
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_a_killed_sweep_continues_and_never_repeats_a_finished_setting(tmp_path):
+    """Killed (SIGKILL) while its second setting trains: run again, it resumes that setting's
+    run from its checkpoint, trains the rest, and leaves the first setting's runs untouched.
+    The resumed run ends equal to the same setting trained in one go."""
+    from safetensors.torch import load_file
+
+    space = {"params": {"training.learning_rate": [1e-3, 2e-3, 4e-3]}, "prune": False}
+    config = sweep_config(tmp_path, space, max_steps=12, save_steps=2, eval_steps=4)
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "tuneforge", "sweep", str(config)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    second = out / "trials" / "learning_rate-0.002" / "seed-42"
+    try:
+        _wait_for(lambda: (second / "checkpoints" / "step-4").is_dir(), 300, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    first = out / "trials" / "learning_rate-0.001" / "seed-42" / "summary.json"
+    stamp = first.stat().st_mtime_ns
+    assert not (second / "summary.json").exists()
+    r = run_cli("sweep", str(config))
+    assert r.returncode == 0, r.stderr
+    assert "its worker stopped; queued again" in r.stdout
+    assert first.stat().st_mtime_ns == stamp
+    results = json.loads((out / "sweep.json").read_text())
+    done = [s for s in results["settings"] if s["state"] == "COMPLETE"]
+    assert sorted(s["params"]["training.learning_rate"] for s in done) == [1e-3, 2e-3, 4e-3]
+    assert len(results["settings"]) == 3  # the killed trial is not listed twice
+    # the resumed run equals the setting trained without a kill
+    from tuneforge.config import load_config
+    from tuneforge.train import train
+
+    cfg = load_config(second / "config.yaml", [f"output_dir={tmp_path / 'clean'}"])
+    train(cfg)
+    a = load_file(str(second / "adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "clean/adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_two_workers_share_one_sqlite_sweep(tmp_path):
+    """Two processes on one sweep: every setting is trained exactly once, by one of them, and
+    both took part."""
+    import optuna
+
+    space = {"params": {"training.learning_rate": [1e-3, 2e-3, 3e-3, 4e-3]}, "prune": False}
+    config = sweep_config(tmp_path, space, max_steps=6, eval_steps=3)
+    cmd = [sys.executable, "-m", "tuneforge", "sweep", str(config)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    out = tmp_path / "sweep"
+    study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{out / 'sweep.db'}")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["training.learning_rate"] for t in done) == [1e-3, 2e-3, 3e-3, 4e-3]
+    workers = {t.user_attrs["worker"] for t in done}
+    assert len(workers) == 2, workers
+    assert len(list(out.glob("trials/*/seed-42/summary.json"))) == 4
+    # each setting was trained by exactly one worker
+    assert sum(o[0].count("seed 42:") for o in outs) == 4
+
+
+def test_a_setting_behind_the_median_is_pruned():
+    """The hook reports eval loss to the trial; a trial whose eval loss at a step is worse than
+    the median of the finished trials' at that step is stopped (TrialPruned), one that is
+    better goes on. Maximised metrics report the loss negated, so the pruner's direction holds."""
+    import optuna
+
+    from tuneforge.sweep import PruneHook
+
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=2))
+    for loss in (1.0, 1.2):
+        t = study.ask()
+        t.report(loss, 2)
+        study.tell(t, loss)
+    good, bad = study.ask(), study.ask()
+    PruneHook(good, maximize=False).log({"step": 2, "eval_loss": 0.9})
+    with pytest.raises(optuna.TrialPruned, match="eval loss 1.5000 at step 2 is behind"):
+        PruneHook(bad, maximize=False).log({"step": 2, "eval_loss": 1.5})
+    PruneHook(bad, maximize=False, prune=False).log({"step": 2, "eval_loss": 1.5})  # other seeds
+
+    up = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=2)
+    )
+    for loss in (1.0, 1.2):
+        t = up.ask()
+        t.report(-loss, 2)
+        up.tell(t, 50.0)
+    PruneHook(up.ask(), maximize=True).log({"step": 2, "eval_loss": 0.9})
+    with pytest.raises(optuna.TrialPruned):
+        PruneHook(up.ask(), maximize=True).log({"step": 2, "eval_loss": 1.5})
+
+
+def test_mean_ci_and_the_comparison_by_hand():
+    """[1, 2, 3]: mean 2, sd 1, t(0.975, 2) = 4.303 -> 2 +- 4.303 / sqrt(3). The best beats the
+    runner-up when the paired differences' interval excludes 0."""
+    from tuneforge.sweep import compare, mean_ci
+
+    mean, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    half = 4.303 / math.sqrt(3)
+    assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert mean_ci([5.0]) == (5.0, None, None)
+    best = {"values": {"1": 0.50, "2": 0.52, "3": 0.51}}
+    runner = {"values": {"1": 0.60, "2": 0.61, "3": 0.63}}
+    c = compare(best, runner, maximize=False)  # eval loss: lower is better
+    assert c["beats"] and c["difference"] == pytest.approx((0.10 + 0.09 + 0.12) / 3)
+    assert c["ci95"][0] > 0 and "more than the seed noise" in c["text"]
+    noisy = {"values": {"1": 0.40, "2": 0.70, "3": 0.50}}
+    c = compare(best, noisy, maximize=False)
+    assert not c["beats"] and "includes 0" in c["text"]
+    one = compare({"values": {"1": 1.0}}, {"values": {"1": 0.0}}, maximize=True)
+    assert not one["beats"] and "One seed" in one["text"]
+
+
+def test_command_line_values_are_numbers():
+    from tuneforge.sweep import parse_cli_param
+
+    assert parse_cli_param("training.learning_rate=1e-4,3e-4") == (
+        "training.learning_rate",
+        [1e-4, 3e-4],
+    )
+    assert parse_cli_param("training.learning_rate=1e-5:1e-3:log") == (
+        "training.learning_rate", {"low": 1e-5, "high": 1e-3, "log": True})  # fmt: skip
+    assert parse_cli_param("method.target_modules=all") == ("method.target_modules", ["all"])
+    with pytest.raises(TuneforgeError, match="must look like KEY=V1,V2"):
+        parse_cli_param("method.r")
