@@ -8,7 +8,10 @@ within 64 tokens are left out), and a pair is that answer with a friendly sign-o
 pairs) and is scored by `tuneforge eval` (eval/preference.py) with `eval.property` = the
 sign-off at the end of the answer. Numbers are printed, not asserted.
 
-    .venv/bin/python bench/dpo_defaults_bench.py --settings 5e-4:0.1,5e-4:0.1:1,2e-4:0.1:1
+    .venv/bin/python bench/dpo_defaults_bench.py --settings 5e-4:0.1,5e-4:0.5:1
+
+Settings are lr:beta[:rpo_alpha]; the measured grid and the shipped choice (configs/dpo-base.yaml:
+5e-4, beta 0.5, rpo_alpha 1) are in docs/evaluation.md and bench/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -592,30 +592,30 @@ def mean_ci(values: list[float]) -> tuple[float, float | None, float | None]:
 
 
 def summarize(spec: SweepSpec, study) -> dict:
+    """One row per setting (a finished trial over a failed one, the first of repeats), best
+    first, with the comparison of the best and the runner-up."""
     from optuna.trial import TrialState
 
-    rows = []
+    rows: dict[str, dict] = {}
     for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("duplicate") or t.state == TrialState.WAITING:
-            continue
-        if t.state == TrialState.FAIL and "values" not in t.user_attrs:
+        if t.user_attrs.get("duplicate") or t.state in (TrialState.WAITING, TrialState.RUNNING):
             continue
         values = t.user_attrs.get("values", {})
-        if t.state == TrialState.FAIL and any(
-            r["params"] == t.params and r["state"] != "FAIL" for r in rows
-        ):
+        if t.state == TrialState.FAIL and not values:
+            continue
+        key = json.dumps(t.params, sort_keys=True)
+        if key in rows and (rows[key]["state"] != "FAIL" or t.state == TrialState.FAIL):
             continue
         row = {"trial": t.number, "state": t.state.name, "params": spec.ordered(t.params),
                "values": values}  # fmt: skip
         if t.state == TrialState.COMPLETE:
             mean, lo, hi = mean_ci(list(values.values()))
             row.update(mean=mean, ci95=[lo, hi] if lo is not None else None)
-        rows.append(row)
-    rows = [r for r in rows if not (r["state"] == "FAIL" and _superseded(r, rows))]
-    done = [r for r in rows if r["state"] == "COMPLETE"]
+        rows[key] = row
+    done = [r for r in rows.values() if r["state"] == "COMPLETE"]
     done.sort(key=lambda r: -r["mean"] if spec.maximize else r["mean"])
-    others = [r for r in rows if r["state"] != "COMPLETE"]
-    results = {
+    others = [r for r in rows.values() if r["state"] != "COMPLETE"]
+    return {
         "metric": spec.settings.metric,
         "direction": "maximize" if spec.maximize else "minimize",
         "search": spec.settings.search,
@@ -625,11 +625,6 @@ def summarize(spec: SweepSpec, study) -> dict:
         "best": done[0] if done else None,
         "comparison": compare(done[0], done[1], spec.maximize) if len(done) > 1 else None,
     }
-    return results
-
-
-def _superseded(row: dict, rows: list[dict]) -> bool:
-    return any(r is not row and r["params"] == row["params"] and r["state"] != "FAIL" for r in rows)
 
 
 def compare(best: dict, runner: dict, maximize: bool) -> dict:
