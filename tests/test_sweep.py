@@ -200,9 +200,8 @@ def test_two_workers_share_one_sqlite_sweep(tmp_path):
 
 
 def test_a_setting_behind_the_median_is_pruned():
-    """The hook reports eval loss to the trial; a trial whose eval loss at a step is worse than
-    the median of the finished trials' at that step is stopped (TrialPruned), one that is
-    better goes on. Maximised metrics report the loss negated, so the pruner's direction holds."""
+    """The hook reports eval loss to the trial; a trial the study's pruner judges behind at a step
+    is stopped (TrialPruned), one that is better goes on. Maximised metrics report the loss negated, so the pruner's direction holds."""
     import optuna
 
     from tuneforge.sweep import PruneHook
@@ -214,7 +213,9 @@ def test_a_setting_behind_the_median_is_pruned():
         study.tell(t, loss)
     good, bad = study.ask(), study.ask()
     PruneHook(good, maximize=False).log({"step": 2, "eval_loss": 0.9})
-    with pytest.raises(optuna.TrialPruned, match="eval loss 1.5000 at step 2 is behind"):
+    with pytest.raises(
+        optuna.TrialPruned, match="eval loss 1.5000 at step 2 is behind the other settings"
+    ):
         PruneHook(bad, maximize=False).log({"step": 2, "eval_loss": 1.5})
     PruneHook(bad, maximize=False, prune=False).log({"step": 2, "eval_loss": 1.5})  # other seeds
 
@@ -228,6 +229,31 @@ def test_a_setting_behind_the_median_is_pruned():
     PruneHook(up.ask(), maximize=True).log({"step": 2, "eval_loss": 0.9})
     with pytest.raises(optuna.TrialPruned):
         PruneHook(up.ask(), maximize=True).log({"step": 2, "eval_loss": 1.5})
+
+
+def test_the_sweep_prunes_only_a_setting_clearly_behind():
+    """The sweep's pruner: three finished settings, of which only one reached step 12: a setting
+    behind it there goes on (one other is no evidence); once two reached step 12, a setting
+    worse than both is stopped, and one between them goes on."""
+    import optuna
+
+    from tuneforge.sweep import make_pruner
+
+    study = optuna.create_study(pruner=make_pruner(True))
+    for losses in ({4: 1.0, 8: 0.5}, {4: 1.1, 8: 0.6}, {4: 0.9, 8: 0.4, 12: 0.30}):
+        t = study.ask()
+        for step, loss in losses.items():
+            t.report(loss, step)
+        study.tell(t, min(losses.values()))
+    late = study.ask()
+    late.report(0.35, 12)
+    assert not late.should_prune()
+    study.tell(late, 0.35)  # now two settings reached step 12: 0.30 and 0.35
+    behind, between = study.ask(), study.ask()
+    behind.report(0.50, 12)
+    between.report(0.32, 12)
+    assert behind.should_prune() and not between.should_prune()
+    assert isinstance(make_pruner(False), optuna.pruners.NopPruner)
 
 
 def test_mean_ci_and_the_comparison_by_hand():

@@ -456,8 +456,9 @@ class SweepConfig:
     )
     prune: bool = _f(
         True,
-        "Stop a setting whose eval loss is behind the median of earlier settings at the same "
-        "step (Optuna's MedianPruner, on its first seed).",
+        "Stop a setting whose first seed's eval loss is worse than three quarters of the other "
+        "settings' at the same step (Optuna's PercentilePruner(75), once 3 settings finished "
+        "and 2 reached that step).",
     )
     timeout_minutes: float = _f(0.0, "Start no new setting after this many minutes (0: none).")
     storage: str = _f(

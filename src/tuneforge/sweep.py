@@ -316,7 +316,7 @@ class PruneHook:
         if self.trial.should_prune():
             raise optuna.TrialPruned(
                 f"eval loss {record['eval_loss']:.4f} at step {record['step']} is behind the "
-                "median of earlier settings"
+                "other settings at that step"
             )
 
     def close(self) -> None:
@@ -341,6 +341,16 @@ def _distributions(params: list[Param]) -> dict:
     return out
 
 
+def make_pruner(prune: bool):
+    """ "Clearly behind": worse than three quarters of the settings that reached the same step,
+    judged once at least two others did and three settings are finished."""
+    import optuna
+
+    if not prune:
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.PercentilePruner(75.0, n_startup_trials=3, n_min_trials=2)
+
+
 def open_study(spec: SweepSpec):
     """The sweep's Optuna study, created or loaded; refuses a different search space."""
     import optuna
@@ -353,11 +363,7 @@ def open_study(spec: SweepSpec):
         "random": lambda: optuna.samplers.RandomSampler(seed=spec.base.training.seed),
         "tpe": lambda: optuna.samplers.TPESampler(seed=spec.base.training.seed),
     }[s.search]()
-    pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
-        if s.prune
-        else optuna.pruners.NopPruner()
-    )
+    pruner = make_pruner(s.prune)
     try:
         kwargs = {"connect_args": {"timeout": 120}} if spec.storage.startswith("sqlite") else {}
         storage = optuna.storages.RDBStorage(spec.storage, engine_kwargs=kwargs)
