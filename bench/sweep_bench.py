@@ -113,11 +113,24 @@ def main() -> int:
               "--metric", "exact_match")  # fmt: skip
     sweep_s = time.perf_counter() - start
     results = json.loads((out / "sweep" / "sweep.json").read_text())
-    tuneforge("train", "configs/lora.yaml", f"output_dir={out / 'default'}", *common, "--overwrite")
-    tuneforge("train", str(out / "sweep" / "best.yaml"), *common, f"output_dir={out / 'best'}",
-              "--overwrite")  # fmt: skip
-    default_em, base_em = test_exact_match(out / "default", data["test"])
-    best_em, _ = test_exact_match(out / "best", data["test"])
+    # the default and the best setting at seed 42: the sweep's own run folders where it trained
+    # them with exactly those settings (configs/lora.yaml's lr 1e-3, r 16, 2 epochs is a grid
+    # point), else trained here
+    from tuneforge.sweep import slug
+
+    default = {"training.learning_rate": 1e-3, "method.r": 16, "training.num_epochs": 2}
+    runs = {}
+    for name, params, config in (
+        ("default", default, "configs/lora.yaml"),
+        ("best", results["best"]["params"], str(out / "sweep" / "best.yaml")),
+    ):
+        run = out / "sweep" / "trials" / slug(params) / "seed-42"
+        if not (run / "summary.json").is_file():
+            run = out / name
+            tuneforge("train", config, *common, f"output_dir={run}", "--overwrite")
+        runs[name] = run
+    default_em, base_em = test_exact_match(runs["default"], data["test"])
+    best_em, _ = test_exact_match(runs["best"], data["test"])
     from tuneforge.sweep import describe_setting, table
 
     print(f"\nsweep: {sweep_s:.0f} s")

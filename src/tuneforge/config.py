@@ -438,7 +438,7 @@ class EvalConfig:
 class SweepConfig:
     """`tuneforge sweep`: the search space and how to search it (read by sweep only)."""
 
-    params: dict = _f(
+    params: dict[str, object] = _f(
         {},
         "Search space: dotted key -> list of values ([1e-4, 3e-4]) or a range ({low: 1e-5, "
         "high: 1e-3, log: true}; random and tpe only). --param KEY=V1,V2 or KEY=LOW:HIGH[:log] "
@@ -527,7 +527,7 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
                 errors.append(str(e))
         names = " or ".join(_type_name(a) for a in args if a is not type(None))
         raise TuneforgeError(f"{where}'{key}' must be {names}, got {value!r}")
-    if hint is dict or origin is dict:
+    if origin is dict:  # (a bare ``dict`` element, as data.mix's, is checked by its section)
         if not isinstance(value, dict):
             raise TuneforgeError(f"{where}'{key}' must be a mapping, got {value!r}")
         return value

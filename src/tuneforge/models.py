@@ -18,6 +18,7 @@ import fcntl
 import importlib.util
 import io
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -236,9 +237,13 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """fp32 on CPU, bf16 on GPUs that support it. On a CPU bf16 weights make every element-wise
     op slower; CPUs with AMX (Sapphire Rapids and later) multiply bf16 matrices several times
     faster than fp32, but a whole LoRA step under bf16 autocast gained only ~19% on such a CPU
-    (docs/performance.md), so ``auto`` stays exact there."""
+    (docs/performance.md), so ``auto`` stays exact there.
+
+    "Support" means in hardware (compute capability 8.0+): ``torch.cuda.is_bf16_supported()``
+    also says yes where bf16 is only emulated (T4, V100), slower than fp32 there, and flash-attn
+    does not run on those GPUs."""
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -334,10 +339,38 @@ def _attn_implementation(choice: str, device: torch.device, dtype: torch.dtype) 
     if (
         device.type == "cuda"
         and dtype in (torch.bfloat16, torch.float16)
-        and importlib.util.find_spec("flash_attn") is not None
+        and _flash_attn_runs(device)
     ):
         return "flash_attention_2"
     return "sdpa"
+
+
+_flash_warned = False
+
+
+def _flash_attn_runs(device: torch.device) -> bool:
+    """flash-attn 2 is installed, imports, and the GPU is Ampere or later (what its kernels
+    need). A wheel built for another torch or CUDA fails at import, and transformers would stop
+    the load with it: ``auto`` then takes SDPA, with one warning line per process."""
+    global _flash_warned
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 8:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as e:  # ImportError, OSError (undefined symbols), RuntimeError
+        if not _flash_warned:
+            _flash_warned = True
+            first = (str(e).strip() or type(e).__name__).splitlines()[0]
+            print(
+                f"warning: training.attn_implementation auto: flash-attn is installed but does "
+                f"not import ({first}); using sdpa",
+                file=sys.stderr,
+                flush=True,
+            )
+        return False
+    return True
 
 
 def _has_safetensors(path: Path) -> bool:

@@ -341,6 +341,24 @@ def _distributions(params: list[Param]) -> dict:
     return out
 
 
+def _storage(url: str, attempts: int = 5):
+    """Optuna's RDB storage; two workers starting at once may race to create the tables in a
+    new database (one sees a half-made schema): the loser waits and tries again."""
+    import random
+
+    import optuna
+    import sqlalchemy.exc
+
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random())
+
+
 def make_pruner(prune: bool):
     """ "Clearly behind": worse than three quarters of the settings that reached the same step,
     judged once at least two others did and three settings are finished."""
@@ -365,8 +383,7 @@ def open_study(spec: SweepSpec):
     }[s.search]()
     pruner = make_pruner(s.prune)
     try:
-        kwargs = {"connect_args": {"timeout": 120}} if spec.storage.startswith("sqlite") else {}
-        storage = optuna.storages.RDBStorage(spec.storage, engine_kwargs=kwargs)
+        storage = _storage(spec.storage)
         study = optuna.create_study(
             study_name=STUDY,
             storage=storage,

@@ -22,6 +22,8 @@ compare values and gradients both ways).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -30,6 +32,7 @@ from tuneforge.accel import kernels
 
 VARLEN_SDPA = "tuneforge_varlen_sdpa"
 _registered = False
+_last_bounds: tuple[weakref.ref, list[int]] | None = None  # (the batch's cu_seq_lens_q, its list)
 
 
 def varlen_sdpa(
@@ -59,7 +62,7 @@ def varlen_sdpa(
         out = _VarlenAttention.apply(q, k, v, cu, D**-0.5 if scaling is None else scaling)
         return out.view(B, T, H, D), None
     gqa = H != key.shape[1]
-    bounds = cu.tolist()
+    bounds = _boundaries(cu)
     lengths: list[list[int]] = [[] for _ in range(B)]  # each row's segment lengths
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         lengths[start // T].append(end - start)
@@ -81,6 +84,18 @@ def varlen_sdpa(
         ]
         out.append(pieces[0].contiguous() if len(pieces) == 1 else torch.cat(pieces, dim=1))
     return (out[0] if B == 1 else torch.cat(out)), None
+
+
+def _boundaries(cu: torch.Tensor) -> list[int]:
+    """``cu.tolist()``, read once per batch: every layer gets the same tensor, and on a GPU each
+    ``tolist`` waits until the device has finished all queued work (a sync per layer, leaving the
+    GPU idle while the next layer's kernels are launched)."""
+    global _last_bounds
+    if _last_bounds is not None and _last_bounds[0]() is cu:
+        return _last_bounds[1]
+    bounds = cu.tolist()
+    _last_bounds = (weakref.ref(cu), bounds)
+    return bounds
 
 
 class _VarlenAttention(torch.autograd.Function):
