@@ -61,17 +61,26 @@ class Degeneration:
     mean_tokens: float
 
 
+def token_counts(answers: list[str], tokenizer) -> list[int]:
+    return [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+
+
+def ended(tokens: int, max_new_tokens: int) -> bool:
+    """An answer of ``tokens`` tokens ended by itself (it stopped before the limit)."""
+    return tokens < max_new_tokens
+
+
 def degeneration(prompts, answers: list[str], tokenizer, max_new_tokens: int) -> Degeneration:
     n = max(len(answers), 1)
-    tokens = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
-    off = 0  # (finished_answers counts tokens as this does)
+    tokens = token_counts(answers, tokenizer)
+    off = 0
     for p, a in zip(prompts, answers, strict=True):
         allowed = scripts(" ".join(m["content"] for m in p)) or {"LATIN"}
         off += off_script_share(a, allowed) > 0.1
     return Degeneration(
         repetitive=sum(repetition(a) > 0.25 for a in answers) / n,
         off_script=off / n,
-        unfinished=sum(t >= max_new_tokens for t in tokens) / n,
+        unfinished=sum(not ended(t, max_new_tokens) for t in tokens) / n,
         mean_tokens=sum(tokens) / n,
     )
 
@@ -94,10 +103,8 @@ def reply_rows(tokenizer, prompts, answers: list[str], finished: list[bool]) -> 
 
 
 def finished_answers(answers: list[str], tokenizer, max_new_tokens: int) -> list[bool]:
-    """Whether each answer ended before ``max_new_tokens`` (as ``degeneration`` counts it)."""
-    return [
-        len(tokenizer(a, add_special_tokens=False)["input_ids"]) < max_new_tokens for a in answers
-    ]
+    """Whether each answer ended before ``max_new_tokens``."""
+    return [ended(t, max_new_tokens) for t in token_counts(answers, tokenizer)]
 
 
 @torch.no_grad()
