@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from tuneforge.errors import TuneforgeError
 
@@ -70,10 +71,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+API_KEY_ENV = "TUNEFORGE_API_KEY"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tuneforge.infer.runs import parse_adapter_specs
     from tuneforge.infer.serve import serve
 
+    key, source = args.api_key, "--api-key"
+    if key is None and API_KEY_ENV in os.environ:
+        key, source = os.environ[API_KEY_ENV], API_KEY_ENV
     serve(
         args.model,
         parse_adapter_specs(args.adapters),
@@ -81,6 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.port,
         args.device,
         args.threads,
+        api_key=key,
+        key_source=source,
     )
     return 0
 
@@ -187,6 +196,14 @@ def add_parsers(sub) -> None:
     )
     sv.add_argument("--port", type=int, required=True, help="TCP port (0: pick a free one)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    sv.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every request (at least 16 characters; "
+        f"default: ${API_KEY_ENV}, which keeps the key out of ps; else none on loopback, and a "
+        "generated one, printed at start, on any other --host)",
+    )
     sv.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     sv.add_argument(
         "--threads",

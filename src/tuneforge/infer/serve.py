@@ -10,6 +10,10 @@ One model, one generation at a time: requests queue for a single worker thread t
 model (so an adapter switch can never interleave with another request's generation). A bad
 request gets a 4xx JSON error in OpenAI's shape, ``{"error": {"message", "type", "param",
 "code"}}``; nothing a client sends can stop the server.
+
+With an API key in force (``--api-key``, ``TUNEFORGE_API_KEY``, or generated when ``--host`` is
+not loopback; see ``tuneforge.access``) every request needs ``Authorization: Bearer KEY``;
+without it, or with another key, the answer is 401 with code ``invalid_api_key``, as OpenAI's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from tuneforge.access import access_token, bearer_matches, is_loopback
 from tuneforge.errors import TuneforgeError
 from tuneforge.infer.chat import Finished, Sampling, generate_stream, use_adapter
 
@@ -246,9 +251,38 @@ def _usage(done: Finished) -> dict:
     }
 
 
-def create_app(engine: Engine):
-    """The FastAPI app serving ``engine``."""
+class RequireKey:
+    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer <key>``, else 401
+    in OpenAI's shape. Plain ASGI (not ``BaseHTTPMiddleware``), so streaming and a client's
+    disconnect pass through untouched."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"authorization")
+            if not bearer_matches(header.decode("latin-1") if header else None, self.key):
+                message = (
+                    "Incorrect API key provided."
+                    if header
+                    else "You didn't provide an API key: send it as 'Authorization: Bearer KEY'."
+                )
+                error = ApiError(401, message, code="invalid_api_key")
+                response = JSONResponse(
+                    error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(engine: Engine, api_key: str | None = None):
+    """The FastAPI app serving ``engine``; with ``api_key``, every request must send it as
+    ``Authorization: Bearer <api_key>`` (see ``tuneforge.access``)."""
     app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None, openapi_url=None)
+    if api_key is not None:
+        app.add_middleware(RequireKey, key=api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -410,9 +444,6 @@ def create_app(engine: Engine):
 
 
 # -- running ------------------------------------------------------------------------------------------
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket (port 0: a free one), bound before the server starts so a client can
     connect as soon as the address is printed."""
@@ -436,15 +467,22 @@ def serve(
     port: int = 8000,
     device: str = "auto",
     threads: int | None = None,
+    api_key: str | None = None,
+    key_source: str = "--api-key",
 ) -> None:
     """Load ``ref`` (+ ``adapters``) and serve it until interrupted.
 
+    ``api_key``: the key every request must send (``key_source`` names where it came from, for
+    errors); None: none on loopback, a generated one (printed once) on any other ``host``.
+
     Raises:
-        TuneforgeError: bad references or adapters, an address that cannot be bound.
+        TuneforgeError: bad references, adapters or key, an address that cannot be bound.
     """
     import uvicorn
 
     from tuneforge.infer.runs import load_with_adapters
+
+    key = access_token(host, api_key, key_source)
 
     if threads is not None:
         if threads < 1:
@@ -455,14 +493,17 @@ def serve(
     sock = bind(host, port)  # fail on a taken port before the slow model load
     model, tokenizer, base_name, names, _ = load_with_adapters(ref, adapters, device)
     engine = Engine(model, tokenizer, base_name, names, _model_max_context(model))
-    app = create_app(engine)
+    app = create_app(engine, key)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    if host not in LOOPBACK:
+    if not is_loopback(host):
         print(
-            f"warning: listening on {host}, reachable from other machines, with no authentication",
+            f"warning: listening on {host}, reachable from other machines; every request needs "
+            "the API key, sent over plain HTTP (use TLS or an SSH tunnel off a trusted network)",
             file=sys.stderr,
         )
+    if key is not None and api_key is None:
+        print(f"api key (send as Authorization: Bearer KEY): {key}", flush=True)
     print(
         f"serving {', '.join(engine.model_names())} on http://{shown}:{bound_port}/v1",
         flush=True,
