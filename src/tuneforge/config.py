@@ -662,30 +662,37 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     Raises:
         TuneforgeError: unreadable file, invalid YAML, unknown key, wrong type or bad value.
     """
+    if path is None:
+        return config_from_text("", "config", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise TuneforgeError(f"{path}: config file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TuneforgeError(f"{path}: not a UTF-8 text file") from None
+    return config_from_text(text, str(path), overrides)
+
+
+def config_from_text(text: str, source: str, overrides: list[str] | None = None) -> Config:
+    """``load_config`` of YAML ``text``; errors name ``source`` (a file's path) and the line,
+    as for a file (the web UI checks its editor's text with this)."""
     cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise TuneforgeError(f"{path}: config file not found")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise TuneforgeError(f"{path}: not a UTF-8 text file") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            problem = getattr(e, "problem", None) or "invalid YAML"
-            raise TuneforgeError(f"{path}{line}: invalid YAML ({problem})") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise TuneforgeError(f"{path}:1: a config must be a mapping of keys to values")
-        _apply(cfg, data, "", str(path), _key_lines(text))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise TuneforgeError(f"{source}{line}: invalid YAML ({problem})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise TuneforgeError(f"{source}:1: a config must be a mapping of keys to values")
+    _apply(cfg, data, "", source, _key_lines(text))
     if overrides:
         _apply(cfg, parse_overrides(overrides), "", "override", {})
-    validate(cfg, str(path) if path else "config")
+    validate(cfg, source)
     return cfg
 
 

@@ -13,7 +13,7 @@ from tuneforge.errors import TuneforgeError
 
 def build_parser() -> argparse.ArgumentParser:
     from tuneforge import __version__
-    from tuneforge.cli import data, evaluate, infer, plan, sweep, train
+    from tuneforge.cli import data, evaluate, infer, plan, sweep, train, ui
 
     p = argparse.ArgumentParser(
         prog="tuneforge",
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"tuneforge {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (train, sweep, data, evaluate, infer, plan):
+    for group in (train, sweep, data, evaluate, infer, plan, ui):
         group.add_parsers(sub)
     return p
 

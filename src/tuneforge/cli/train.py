@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 from tuneforge.errors import TuneforgeError
 
@@ -28,6 +29,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         argv = ["train", args.config, *args.overrides]
         argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
         return launch(argv, args.nproc)
+    # SIGTERM (`kill`, the web UI's Stop) ends the run like Ctrl-C: its status.json says
+    # stopped, and --resume continues it from the last checkpoint
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tuneforge import run_status
 from tuneforge.accel import kernels
 from tuneforge.accel.memory import allocator, return_freed_memory
 from tuneforge.config import Config, dump_config
@@ -181,6 +182,7 @@ def run(
     # before the first record (only rank 0 logs)
     extra = list(loggers or [])
     loggers = make_loggers(cfg.training.report_to, run_dir) + extra if dist.is_main else []
+    marked = False  # status.json written (rank 0, once the run folder exists)
     try:
         sharded = dist.enabled and not trains_adapter(cfg.method)
         if sharded:
@@ -209,6 +211,8 @@ def run(
                 shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, run_dir / "config.yaml")
+            run_status.mark(run_dir, run_status.RUNNING)
+            marked = True
             ctx.loggers = loggers
         dist.barrier()
         result = objective.fit(ctx, model, data)
@@ -228,7 +232,16 @@ def run(
             save_trained(lm, tokenizer, cfg, run_dir, state_dict=lm_weights)
             objective.save_extra(ctx, model, extra_weights)
             write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+            run_status.mark(run_dir, run_status.FINISHED)
         dist.barrier()
+    except KeyboardInterrupt:  # Ctrl-C, SIGINT, SIGTERM (cli/train.py): --resume continues it
+        if marked:
+            run_status.mark(run_dir, run_status.STOPPED)
+        raise
+    except Exception as e:
+        if marked:
+            run_status.mark(run_dir, run_status.CRASHED, f"{type(e).__name__}: {e}")
+        raise
     finally:
         shutdown(dist)
     say(objective.finished(ctx, result))
