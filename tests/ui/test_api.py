@@ -122,6 +122,25 @@ def test_the_token_is_required_by_header_or_the_cookie_its_link_sets(runs_root):
     assert c.get("/api/runs").status_code == 200  # the cookie now
     c.cookies.clear()
     assert c.get("/api/runs").status_code == 401
+    # the redirect stays on this site; the cookie is this port's (two UIs on one host)
+    r = c.get(f"http://testserver//evil.example/x?token={TOKEN}", follow_redirects=False)
+    assert r.headers["location"] == "/evil.example/x"
+    c = client(runs_root, token=TOKEN, port=7861)
+    r = c.get(f"/?token={TOKEN}", follow_redirects=False)
+    assert r.headers["set-cookie"].startswith("tuneforge_token_7861=")
+
+
+def test_a_report_is_served_sandboxed(runs_root):
+    """A run folder's HTML could hold script: it is served so that it never runs as the UI."""
+    (runs_root / "lr-low" / "report.html").write_text("<script>fetch('/api/launch')</script>")
+    try:
+        r = client(runs_root).get("/files/lr-low/report.html")
+        assert r.headers["content-security-policy"] == "sandbox"
+        assert r.headers["x-content-type-options"] == "nosniff"
+        detail = client(runs_root).get("/api/run/lr-low").json()
+        assert detail["report"] == "/files/lr-low/report.html"
+    finally:
+        (runs_root / "lr-low" / "report.html").unlink()
 
 
 def test_on_loopback_only_loopback_host_headers_are_served(runs_root):
@@ -158,18 +177,20 @@ def test_validation_gives_the_line_tuneforge_train_gives(tmp_path):
     c = client(root)
     good = launch_yaml(tmp_path, "ok")
     assert c.post("/api/validate", json={"yaml": good}).json() == {"ok": True, "run": "ok"}
-    cases = {
-        "training.learnig_rate": good.replace("learning_rate:", "learnig_rate:"),
-        "training.max_steps": good.replace("max_steps: 6", "max_steps: -1"),
-        "method.name": good.replace("name: lora", "name: lorra"),
-        "data.train": good.replace("train: train.jsonl", "train: missing.jsonl"),
-        "model": good.replace("model: tiny-llama", "model: no/such-model-here"),
+    cases = {  # (text, also run `tuneforge train` on it: a few, each costs seconds)
+        "training.learnig_rate": (good.replace("learning_rate:", "learnig_rate:"), True),
+        "training.max_steps": (good.replace("max_steps: 6", "max_steps: -1"), False),
+        "method.name": (good.replace("name: lora", "name: lorra"), False),
+        "data.train": (good.replace("train: train.jsonl", "train: missing.jsonl"), True),
+        "model": (good.replace("model: tiny-llama", "model: no/such-model-here"), True),
     }
-    for field, text in cases.items():
+    for field, (text, cli_too) in cases.items():
         r = c.post("/api/validate", json={"yaml": text})
         assert r.status_code == 400, (field, r.text)
         body = r.json()
         assert body["field"] == field, body
+        if not cli_too:
+            continue
         (tmp_path / "config.yaml").write_text(text)
         cli = run_cli("train", "config.yaml", cwd=tmp_path)
         assert cli.returncode == 2 and not (root / "ok").exists()
@@ -199,6 +220,81 @@ def test_launch_refuses_paths_outside_and_an_existing_run(runs_root, tmp_path):
     assert not (root / ".ui" / "jobs").exists() or not list((root / ".ui" / "jobs").iterdir())
 
 
+def test_launch_refuses_code_and_paths_from_outside(tmp_path):
+    """The UI starts only tuneforge on files in its folders: reward code from a module or a file
+    elsewhere, trust_remote_code, and every path-valued setting outside are refused."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    c = client(root)
+    outside = tmp_path.parent / f"{tmp_path.name}-evil.py"
+    outside.write_text("def f(prompts, completions, **kw):\n    return [0.0] * len(prompts)\n")
+    (tmp_path / "mine.py").write_text(outside.read_text())
+    good = launch_yaml(tmp_path, "ok")
+    grpo = good.replace("training:\n", "training:\n  objective: grpo\n")
+    cases = {
+        "training.reward_functions[0]": grpo.replace("training:\n", "training:\n  reward_functions: ['os:system']\n"),
+        "training.reward_functions[1]": grpo.replace("training:\n", f"training:\n  reward_functions: [json_valid, '{outside}:f']\n"),
+        "trust_remote_code": good + "trust_remote_code: true\n",
+        "eval.data": good + f"eval:\n  data: {outside}\n",
+        "data.mix[0].path": good.replace("data:\n", f"data:\n  mix: [{{path: {outside}, ratio: 0.2}}]\n"),
+        "model": good.replace("model: tiny-llama", f"model: {tmp_path.parent}"),
+    }  # fmt: skip
+    for field, text in cases.items():
+        r = c.post("/api/validate", json={"yaml": text})
+        assert r.status_code in (400, 403) and r.json()["field"] == field, (field, r.text)
+    mine = grpo.replace(
+        "training:\n", "training:\n  reward_functions: ['mine.py:f', exact_match]\n"
+    )
+    r = c.post("/api/validate", json={"yaml": mine})
+    assert r.status_code == 400 and r.json()["field"] == "data.train"  # sft rows: no 'prompt'
+
+
+def test_records_are_checked_in_the_objectives_format_as_train_checks_them(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    text = launch_yaml(tmp_path, "dpo").replace("training:\n", "training:\n  objective: dpo\n")
+    r = client(root).post("/api/validate", json={"yaml": text})
+    assert r.status_code == 400 and r.json()["field"] == "data.train"
+    (tmp_path / "config.yaml").write_text(text)
+    cli = run_cli("train", "config.yaml", cwd=tmp_path)
+    shown = r.json()["error"].replace(str(tmp_path) + "/", "")
+    assert cli.returncode == 2 and cli.stderr.strip().splitlines()[-1] == f"error: {shown}"
+
+
+def test_stop_signals_only_the_training_process_that_wrote_the_status(tmp_path):
+    """A status.json naming a process that is not `tuneforge train` (here: this test), or a pid
+    reused by a later process (another start time), is not stopped."""
+    root = tmp_path / "runs"
+    run = root / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("model: tiny-llama\n")
+    run_status.mark(run, run_status.RUNNING)  # this pytest process
+    assert run_status.status(run) == "running"
+    r = client(root).post("/api/stop/r", json={})
+    assert r.status_code == 400 and "not running" in r.json()["error"]
+    record = run_status.read(run)
+    record["pid_start"] += 1
+    (run / "status.json").write_text(json.dumps(record))
+    assert run_status.status(run) == "crashed"  # that pid is another process now
+
+
+def test_a_cut_metrics_file_starts_the_curve_over(runs_root):
+    c = client(runs_root)
+    whole = c.get("/api/metrics/lr-low").json()
+    assert whole["next"] > 3 and not whole["reset"]
+    again = c.get(f"/api/metrics/lr-low?since={whole['next'] + 5}").json()
+    assert again["reset"] and again["records"] == whole["records"]
+
+
+def test_an_output_dir_with_spaces_and_hashes_survives_the_override(tmp_path):
+    from tuneforge.config import load_config
+    from tuneforge.ui.app import output_override
+
+    (tmp_path / "c.yaml").write_text(launch_yaml(tmp_path, "x"))
+    out = tmp_path / "runs" / "exp #2: 'a' \"b\""
+    assert load_config(tmp_path / "c.yaml", [output_override(out)]).output_dir == str(out)
+
+
 def test_form_values_set_keys_in_the_yaml():
     text = "model: a\nmethod: lora\ntraining:\n  seed: 1\n"
     out = yaml.safe_load(set_keys(text, {"method.r": "8", "training.seed": "", "data.train": "d.jsonl",
@@ -208,25 +304,34 @@ def test_form_values_set_keys_in_the_yaml():
 
 
 def test_status_json_follows_a_training_process(tmp_path):
-    """running while it trains, stopped after SIGTERM, crashed after SIGKILL (nothing could
-    write: a process that is gone), finished after --resume ends it."""
+    """running while it trains; crashed after SIGKILL (nothing could write: its process is
+    gone); after SIGTERM a checkpoint at the step it reached (none was due), then stopped;
+    finished after --resume ends it."""
     root = tmp_path / "runs"
-    (tmp_path / "c.yaml").write_text(launch_yaml(tmp_path, "r", max_steps=4000, save_steps=2))
+    text = launch_yaml(tmp_path, "r", max_steps=120, save_steps=1000, logging_steps=1)
+    (tmp_path / "c.yaml").write_text(text)
     cmd = [sys.executable, "-m", "tuneforge", "train", "c.yaml"]
-    for sig, expected in ((signal.SIGTERM, "stopped"), (signal.SIGKILL, "crashed")):
+    metrics = root / "r" / "metrics.jsonl"
+    for sig, expected in ((signal.SIGKILL, "crashed"), (signal.SIGTERM, "stopped")):
         shutil.rmtree(root / "r", ignore_errors=True)
         proc = subprocess.Popen(cmd, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
         end = time.time() + 120
-        while not list((root / "r" / "checkpoints").glob("step-*")) and time.time() < end:
+        while len(read_metrics(root / "r")[0]) < 3 and time.time() < end:
             assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.1)
+            time.sleep(0.05)
         assert run_status.status(root / "r") == "running"
         assert run_status.read(root / "r")["pid"] == proc.pid
         proc.send_signal(sig)
         proc.wait(timeout=60)
-        assert run_status.status(root / "r") == expected, proc.stderr.read()
-    assert run_status.read(root / "r")["state"] == "running"  # SIGKILL: nothing could write
-    r = run_cli("train", "c.yaml", "--resume", "training.max_steps=6", cwd=tmp_path)
+        err = proc.stderr.read()
+        assert run_status.status(root / "r") == expected, err
+        if sig == signal.SIGKILL:
+            assert run_status.read(root / "r")["state"] == "running"  # nothing could write
+    assert proc.returncode == 130 and "stopping after this step" in err
+    last = max(json.loads(x)["step"] for x in metrics.read_text().splitlines())
+    [saved] = [int(p.name.removeprefix("step-")) for p in (root / "r/checkpoints").glob("step-*")]
+    assert 3 <= saved == last < 120
+    r = run_cli("train", "c.yaml", "--resume", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert run_status.status(root / "r") == "finished"
     assert run_status.read(root / "r")["state"] == "finished"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 
 from tuneforge.errors import TuneforgeError
 
@@ -29,9 +28,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         argv = ["train", args.config, *args.overrides]
         argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
         return launch(argv, args.nproc)
-    # SIGTERM (`kill`, the web UI's Stop) ends the run like Ctrl-C: its status.json says
-    # stopped, and --resume continues it from the last checkpoint
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM (`kill`, the web UI's Stop): a checkpoint after this step, then status.json says
+    # stopped and --resume continues from there (run_status.py)
+    from tuneforge.run_status import stop_gracefully_on_sigterm
+
+    stop_gracefully_on_sigterm()
     train(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 

@@ -129,9 +129,17 @@ class Engine:
                 503, "the server is busy; retry later", None, "overloaded", "server_error"
             ) from None
 
+    def close(self) -> None:
+        """End the worker thread once the queued jobs are done, so the model can be freed (the
+        web UI loads another run's model in place of this one)."""
+        self.jobs.put(None)  # type: ignore[arg-type]
+
     def _work(self) -> None:
         while True:
             job = self.jobs.get()
+            if job is None:
+                self.model = self.tokenizer = None
+                return
             if job.cancelled.is_set():
                 continue
             try:

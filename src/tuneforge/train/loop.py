@@ -24,6 +24,7 @@ from tuneforge.errors import TuneforgeError
 from tuneforge.methods.peft_methods import is_prompt_learning
 from tuneforge.methods.virtual_packing import packed_row_cost
 from tuneforge.models import weights_dtype
+from tuneforge.run_status import stop_requested
 from tuneforge.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -550,7 +551,10 @@ class Trainer:
                     evaluated = True
                     stopped_early, over_kl = self._eval_step(step + 1, keeper, metrics, say)
                 metrics.flush()
-                save = self._save_due(step + 1, evaluated) or stopped_early
+                # SIGTERM (run_status.py): a checkpoint now, then stop (one process only: the
+                # ranks of several would disagree on the step)
+                stopping = not self.dist.enabled and stop_requested()
+                save = self._save_due(step + 1, evaluated) or stopped_early or stopping
                 if save and not out.get("skipped"):  # never checkpoint inside a bad streak
                     rng = self.dist.gather_objects(rng_state())
                     best = keeper.for_checkpoint(step + 1)
@@ -569,6 +573,8 @@ class Trainer:
                             weights=full.get("weights"),
                             optimizer_state=full.get("optimizer"),
                         )
+                if stopping:
+                    raise KeyboardInterrupt("stopped by SIGTERM after a checkpoint")
                 if stopped_early:
                     if not over_kl:
                         say(

@@ -24,6 +24,7 @@ from tuneforge.data.batching import epoch_order
 from tuneforge.data.records import Messages
 from tuneforge.data.render import IGNORE, end_of_turn_ids, render_prompt
 from tuneforge.infer.generate import first_stop, generate_tokens, left_padded, sampling_kwargs
+from tuneforge.run_status import stop_requested
 from tuneforge.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from tuneforge.train.loop import (
     BestKeeper,
@@ -249,7 +250,8 @@ class RolloutTrainer:
                     )
                     bar.write(f"step {step + 1}: eval reward {value:.4f}")
                 log.flush()
-                if self._save_due(step + 1, evaluated) or state["stopped_early"]:
+                stopping = stop_requested()  # SIGTERM: a checkpoint now, then stop
+                if self._save_due(step + 1, evaluated) or state["stopped_early"] or stopping:
                     save_checkpoint(
                         ckpt_root,
                         step + 1,
@@ -260,6 +262,8 @@ class RolloutTrainer:
                         keeper.for_checkpoint(step + 1),
                         t.save_total_limit,
                     )
+                if stopping:
+                    raise KeyboardInterrupt("stopped by SIGTERM after a checkpoint")
                 if state["stopped_early"]:
                     bar.write(
                         f"early stopping: no eval improvement in {t.early_stopping_patience} evaluations"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import re
 import threading
 from dataclasses import fields as dataclass_fields
@@ -99,6 +100,11 @@ def error_field(message: str) -> str | None:
     return named.group(1) if named else None
 
 
+def output_override(path: Path) -> str:
+    """``output_dir=PATH`` as an override whose value YAML reads back whole ("runs/exp #2")."""
+    return f"output_dir={json.dumps(str(path))}"
+
+
 def error_line(message: str) -> int | None:
     found = re.match(r"[^:]*:(\d+): ", message)
     return int(found.group(1)) if found else None
@@ -159,6 +165,45 @@ def set_keys(text: str, values: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+BUILTIN_REWARDS = ("exact_match", "regex", "json_valid", "length")
+
+
+def code_settings(t) -> list[tuple[str, str]]:
+    """(key, spec) of the settings that name Python code to run (PPO / GRPO rewards)."""
+    out = [("training.reward_function", t.reward_function)] if t.reward_function else []
+    return out + [(f"training.reward_functions[{i}]", f) for i, f in enumerate(t.reward_functions)]
+
+
+def check_records(cfg, path: Path) -> None:
+    """Read ``path`` and turn each record into what ``training.objective`` trains on, with the
+    converters training uses: the first bad record raises its one-line error."""
+    from tuneforge.data.io import read_records
+
+    d, objective = cfg.data, cfg.training.objective
+    if objective == "sft":
+        from tuneforge.data.records import to_messages
+
+        convert = lambda r: to_messages(r, d.format, d.system_prompt)  # noqa: E731
+    elif objective in ("reward", "dpo", "orpo", "simpo"):
+        from tuneforge.data.preference import to_preference
+
+        convert = lambda r: to_preference(r, d.system_prompt)  # noqa: E731
+    elif objective == "kto":
+        from tuneforge.data.labelled import to_examples
+
+        convert = lambda r: to_examples(r, d.system_prompt)  # noqa: E731
+    elif objective == "grpo":
+        from tuneforge.data.preference import to_prompt_record
+
+        convert = lambda r: to_prompt_record(r, d.system_prompt)  # noqa: E731
+    else:  # ppo
+        from tuneforge.data.preference import PROMPTS_NEED, prompt_messages
+
+        convert = lambda r: prompt_messages(r, d.system_prompt, PROMPTS_NEED)  # noqa: E731
+    for record in read_records(path):
+        convert(record)
+
+
 class UI:
     """The state behind the app: the root, the jobs, the loaded chat model."""
 
@@ -166,8 +211,9 @@ class UI:
         self.root = root.resolve()
         self.cwd = cwd.resolve()
         self.jobs = Jobs(self.root, self.cwd)
+        self.checked: dict[tuple, str] = {}  # data files that passed check_records
         self.chat_lock = threading.Lock()
-        self.chat_run: Path | None = None
+        self.chat_key: tuple | None = None
         self.engine = None
         self.own_adapter: str | None = None
 
@@ -178,22 +224,31 @@ class UI:
             raise NotFound(f"no run '{run_id}' under the runs folder")
         return path
 
+    def run_id(self, raw: str) -> str:
+        """The one name of a run folder ('a/b' for 'a/b/', 'a//b', 'a/./b'): jobs are keyed by it."""
+        return R.inside(self.root, raw).relative_to(self.root).as_posix()
+
     def user_path(self, value: str, key: str, roots: tuple[Path, ...]) -> Path:
         """A path a config names (relative to the UI's working folder), if under ``roots``."""
         path = (self.cwd / value).resolve()
         if not any(path.is_relative_to(r) for r in roots):
             where = " or ".join(str(r) for r in roots)
-            raise R.PathRefused(f"config.yaml: '{key}' {value} is outside {where}; the UI "
-                                "reads and writes only there")  # fmt: skip
+            refused = R.PathRefused(
+                f"config.yaml: '{key}' {value} is outside {where}; the UI reads and writes "
+                "only there"
+            )
+            refused.field = key
+            raise refused
         return path
 
     # -- launch -------------------------------------------------------------------------------
     def check(self, text: str) -> tuple[object, Path]:
         """What ``tuneforge train`` checks before it starts, on the editor's text: the config,
-        the run folder, the data files, the model reference. Returns (config, run folder)."""
+        the run folder, the data files (records in the objective's format), the model
+        reference; and what the UI itself refuses: any path outside its folders, code from
+        outside them. Returns (config, run folder)."""
         from tuneforge.config import config_from_text
-        from tuneforge.data.io import read_records
-        from tuneforge.models import resolve_model
+        from tuneforge.models import ALIASES, resolve_model
         from tuneforge.train.run import check_run_dir
 
         cfg = config_from_text(text, "config.yaml")
@@ -201,15 +256,56 @@ class UI:
             raise TuneforgeError("config.yaml: the UI launches one run; remove the sweep section")
         out = self.user_path(cfg.output_dir, "output_dir", (self.root,))
         if out == self.root or out.is_relative_to(self.root / R.UI_DIR):
-            raise R.PathRefused(f"config.yaml: 'output_dir' must name a folder inside {self.root}")
+            raise FieldError(f"config.yaml: 'output_dir' must name a folder inside {self.root}",
+                             "output_dir")  # fmt: skip
         about("output_dir", check_run_dir, out, False, False)
-        for key in ("train", "eval"):
-            value = getattr(cfg.data, key)
+        if cfg.trust_remote_code:
+            raise FieldError("config.yaml: 'trust_remote_code' runs code from the model folder; "
+                             "the UI does not launch that (use tuneforge train)", "trust_remote_code")  # fmt: skip
+        mine = (self.root, self.cwd)
+        t, d = cfg.training, cfg.data
+        for key, spec in code_settings(t):
+            if spec.split(":", 1)[0] in BUILTIN_REWARDS:
+                continue
+            file = spec.rsplit(":", 1)[0]
+            if not file.endswith(".py"):
+                raise FieldError(f"config.yaml: '{key}' {spec}: the UI runs reward code only from "
+                                 "a file.py:function in its folders, not an importable module", key)  # fmt: skip
+            self.user_path(file, key, mine)
+        paths = [("data.eval", d.eval), ("eval.data", cfg.eval.data)]
+        paths += [
+            (f"data.mix[{i}].path", m.get("path")) for i, m in enumerate(d.mix) if m.get("path")
+        ]
+        if t.reward_model:
+            paths.append(("training.reward_model", t.reward_model))
+        if cfg.eval.general_text not in ("builtin", "none"):
+            paths.append(("eval.general_text", cfg.eval.general_text))
+        if cfg.model not in ALIASES and Path(cfg.model).expanduser().exists():
+            paths.append(("model", cfg.model))
+        for key, value in [("data.train", d.train), *paths]:
             if value:
-                path = self.user_path(value, f"data.{key}", (self.root, self.cwd))
-                about(f"data.{key}", read_records, path)
+                self.user_path(value, key, mine)
+        self.check_records(cfg, "data.train", d.train)
+        if d.eval:
+            self.check_records(cfg, "data.eval", d.eval)
         about("model", resolve_model, cfg.model)
         return cfg, out
+
+    def check_records(self, cfg, key: str, value: str) -> None:
+        """Every record of a data file reads as the objective's records (train's own
+        converters), remembered per file version: the editor checks on every pause."""
+        path = self.user_path(value, key, (self.root, self.cwd))
+        try:
+            st = path.stat()
+            version = (str(path), st.st_mtime_ns, st.st_size, cfg.training.objective,
+                       cfg.data.format, cfg.data.system_prompt)  # fmt: skip
+        except OSError:
+            version = None
+        if version is not None and self.checked.get(version) == "ok":
+            return
+        about(key, check_records, cfg, path)
+        if version is not None:
+            self.checked[version] = "ok"
 
     def launch(self, text: str) -> dict:
         cfg, out = self.check(text)
@@ -218,56 +314,54 @@ class UI:
         configs.mkdir(parents=True, exist_ok=True)
         path = configs / f"{run_id.replace('/', '__')}.yaml"
         path.write_text(text)
-        return self.jobs.start("train", run_id, ["train", str(path), f"output_dir={out}"])
+        return self.jobs.start("train", run_id, ["train", str(path), output_override(out)])
 
     # -- chat ---------------------------------------------------------------------------------
     def load_chat(self, run: Path):
-        """The run's model for chat (one at a time; loading another replaces it)."""
+        """The run's model for chat (one at a time; loading another, or the same run after its
+        weights changed, replaces it and frees the old one)."""
         from tuneforge.infer.runs import is_run, load_with_adapters
         from tuneforge.infer.serve import Engine, _model_max_context
 
+        if not is_run(run):
+            raise TuneforgeError(f"'{run.name}' has no trained weights yet (did it finish?)")
+        weights = max(p.stat().st_mtime_ns for p in run.glob("*/*.safetensors")) if any(
+            run.glob("*/*.safetensors")) else 0  # fmt: skip
         with self.chat_lock:
-            if self.chat_run != run:
-                if not is_run(run):
-                    raise TuneforgeError(
-                        f"'{run.name}' has no trained weights yet (did it finish?)"
-                    )
+            if self.chat_key != (run, weights):
+                if self.engine is not None:
+                    self.engine.close()
                 self.engine = None
                 model, tok, base_name, names, own = load_with_adapters(str(run))
                 self.engine = Engine(model, tok, base_name, names, _model_max_context(model))
-                self.own_adapter, self.chat_run = own, run
+                self.own_adapter, self.chat_key = own, (run, weights)
             return self.engine, self.own_adapter
 
     async def chat(self, run: Path, body: dict) -> dict:
+        """One reply, through serve's engine: the run's chat template, greedy unless
+        ``temperature`` is set, ``max_new_tokens`` (256) at most."""
         from tuneforge.data.render import render_prompt
-        from tuneforge.infer.chat import Sampling
-        from tuneforge.infer.serve import ApiError, Job, chat_messages
+        from tuneforge.infer.serve import ApiError, Job, _sampling, chat_messages
 
         engine, own = await run_in_threadpool(self.load_chat, run)
         base = bool(body.get("base"))
         if base and own is None:
             raise TuneforgeError("this run is a full fine-tune: it has no adapter to turn off")
         try:
-            messages = chat_messages(body)
+            prompt = render_prompt(engine.request_tokenizer, chat_messages(body))
+            request = {"max_tokens": body.get("max_new_tokens", 256), "seed": 0,
+                       "temperature": body.get("temperature", 0.0)}  # fmt: skip
+            sampling = _sampling(request, 256, len(prompt), engine.max_context)
+            job = Job(prompt, None if base else own, sampling, asyncio.get_running_loop(),
+                      asyncio.Queue())  # fmt: skip
+            engine.submit(job)
         except ApiError as e:
             raise TuneforgeError(e.message) from None
-        prompt = render_prompt(engine.request_tokenizer, messages)
-        tokens = body.get("max_new_tokens", 256)
-        temperature = body.get("temperature", 0.0)
-        if not isinstance(tokens, int) or not 1 <= tokens <= 4096:
-            raise TuneforgeError("max_new_tokens must be an integer in 1..4096")
-        if not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
-            raise TuneforgeError("temperature must be a number in [0, 2]")
-        sampling = Sampling(max_new_tokens=tokens, temperature=float(temperature), seed=0)
-        job = Job(
-            prompt, None if base else own, sampling, asyncio.get_running_loop(), asyncio.Queue()
-        )
-        engine.submit(job)
         try:
             while True:
                 kind, value = await job.events.get()
                 if kind == "error":
-                    raise RuntimeError(value)
+                    raise TuneforgeError(f"generation failed: {value}")
                 if kind == "done":
                     return {"reply": value.text, "finish_reason": value.finish_reason,
                             "model": "base" if base else (own or "fine-tuned")}  # fmt: skip
@@ -276,10 +370,12 @@ class UI:
 
 
 def create_app(root: Path, cwd: Path | None = None, token: str | None = None,
-               loopback: bool = True) -> FastAPI:  # fmt: skip
+               loopback: bool = True, port: int | None = None) -> FastAPI:  # fmt: skip
     """The UI over ``root``. ``token``: required on every request when set; ``loopback``: the
-    server listens on a loopback address only (then only loopback Host headers are served)."""
+    server listens on a loopback address only (then only loopback Host headers are served);
+    ``port``: names the token's cookie (cookies are per host, not per port)."""
     ui = UI(root, cwd or Path.cwd())
+    cookie_name = f"{COOKIE}_{port}" if port else COOKIE
     app = FastAPI(title="tuneforge ui", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ui = ui
     index = (STATIC / "index.html").read_text()
@@ -293,10 +389,11 @@ def create_app(root: Path, cwd: Path | None = None, token: str | None = None,
         if token is not None:
             given = request.query_params.get("token")
             if given is not None and hmac.compare_digest(given.encode(), token.encode()):
-                response = RedirectResponse(request.url.path, status_code=303)
-                response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+                # "/" + the path: never "//host/...", which a browser reads as another site
+                response = RedirectResponse("/" + request.url.path.lstrip("/"), status_code=303)
+                response.set_cookie(cookie_name, token, httponly=True, samesite="strict")
                 return response
-            cookie = request.cookies.get(COOKIE, "")
+            cookie = request.cookies.get(cookie_name, "")
             ok = bearer_matches(request.headers.get("authorization"), token) or (
                 hmac.compare_digest(cookie.encode(), token.encode())
             )
@@ -341,7 +438,9 @@ def create_app(root: Path, cwd: Path | None = None, token: str | None = None,
         path = R.inside(ui.root, rel)
         if not path.is_file() or path.is_relative_to(ui.root / R.UI_DIR):
             raise NotFound(f"no file '{rel}'")
-        return FileResponse(path)
+        # a run folder's HTML (the eval report) is shown, never run with the UI's rights
+        headers = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+        return FileResponse(path, headers=headers)
 
     # -- the API ------------------------------------------------------------------------------
     @app.get("/api/runs")
@@ -356,12 +455,15 @@ def create_app(root: Path, cwd: Path | None = None, token: str | None = None,
 
     @app.get("/api/run/{run_id:path}")
     async def api_run(run_id: str):
-        path = R.inside(ui.root, run_id)
+        run_id = ui.run_id(run_id)
+        path = ui.root / run_id
         jobs = ui.jobs.for_run(run_id)
         if not R.is_run_folder(path):
             if not jobs:
                 raise NotFound(f"no run '{run_id}' under the runs folder")
-            detail = {"id": run_id, "status": "starting" if jobs[0]["running"] else "crashed"}
+            code = jobs[0]["returncode"]
+            state = "starting" if jobs[0]["running"] else "ended" if code == 0 else "crashed"
+            detail = {"id": run_id, "status": state}
         else:
             detail = R.run_detail(ui.root, path)
         detail["jobs"] = jobs
@@ -374,11 +476,14 @@ def create_app(root: Path, cwd: Path | None = None, token: str | None = None,
     async def api_metrics(run_id: str, since: int = 0):
         path = R.inside(ui.root, run_id)
         records, next_line = R.read_metrics(path, max(0, since))
-        return {"records": records, "next": next_line}
+        if since > next_line:  # the file was cut back (a resume from a checkpoint): start over
+            records, next_line = R.read_metrics(path, 0)
+            return {"records": records, "next": next_line, "reset": True}
+        return {"records": records, "next": next_line, "reset": False}
 
     @app.get("/api/compare")
     async def api_compare(request: Request):
-        ids = request.query_params.getlist("run")
+        ids = [ui.run_id(i) for i in request.query_params.getlist("run")]
         if len(ids) < 2:
             raise TuneforgeError("pick at least two runs to compare")
         paths = [ui.run_dir(i) for i in ids]
@@ -403,6 +508,20 @@ def create_app(root: Path, cwd: Path | None = None, token: str | None = None,
             raise TuneforgeError("'set' must map config keys to values")
         return {"yaml": set_keys(str(body.get("yaml", "")), values)}
 
+    @app.post("/api/parse")
+    async def api_parse(request: Request):
+        """The editor's YAML as dotted keys, for the form (null while the YAML does not parse)."""
+        body = await json_body(request)
+        try:
+            data = yaml.safe_load(str(body.get("yaml", ""))) or {}
+        except yaml.YAMLError:
+            return {"values": None}
+        if not isinstance(data, dict):
+            return {"values": None}
+        if isinstance(data.get("method"), str):
+            data["method"] = {"name": data["method"]}
+        return {"values": R.flatten(data)}
+
     @app.post("/api/validate")
     async def api_validate(request: Request):
         body = await json_body(request)
@@ -416,21 +535,24 @@ def create_app(root: Path, cwd: Path | None = None, token: str | None = None,
 
     @app.post("/api/stop/{run_id:path}")
     async def api_stop(run_id: str):
-        return {"stopped": ui.jobs.stop(run_id, R.inside(ui.root, run_id))}
+        run_id = ui.run_id(run_id)
+        return {"stopped": ui.jobs.stop(run_id, ui.root / run_id)}
 
     @app.post("/api/resume/{run_id:path}")
     async def api_resume(run_id: str):
+        run_id = ui.run_id(run_id)
         path = ui.run_dir(run_id)
         from tuneforge.train.run import check_run_dir
 
         check_run_dir(path, resume=True, overwrite=False)
         if R.run_status.status(path) == R.run_status.RUNNING:
             raise Busy(f"'{run_id}' is running")
-        args = ["train", str(path / "config.yaml"), f"output_dir={path}", "--resume"]
+        args = ["train", str(path / "config.yaml"), output_override(path), "--resume"]
         return ui.jobs.start("resume", run_id, args)
 
     @app.post("/api/evaluate/{run_id:path}")
     async def api_evaluate(run_id: str):
+        run_id = ui.run_id(run_id)
         path = ui.run_dir(run_id)
         from tuneforge.infer.runs import is_run
 
@@ -440,7 +562,7 @@ def create_app(root: Path, cwd: Path | None = None, token: str | None = None,
 
     @app.post("/api/chat/{run_id:path}")
     async def api_chat(run_id: str, request: Request):
-        return await ui.chat(ui.run_dir(run_id), await json_body(request))
+        return await ui.chat(ui.run_dir(ui.run_id(run_id)), await json_body(request))
 
     # -- pages (last: the catch-all must not shadow the routes above) --------------------------
     @app.get("/", response_class=HTMLResponse)

@@ -3,7 +3,9 @@
 Each job runs as its own process, in a session of its own (closing the UI leaves it training),
 with its output in ``ROOT/.ui/logs/JOB.log`` and its record in ``ROOT/.ui/jobs/JOB.json``, so
 a restarted UI still knows its jobs. Only ``python -m tuneforge ...`` is ever started; Stop sends
-SIGINT, which a run takes as Ctrl-C: its status.json says stopped, ``--resume`` continues it.
+SIGTERM, on which a run saves a checkpoint after its step and stops: its status.json says
+stopped, ``--resume`` continues it. A process is named by its pid and start time, so a pid that
+a later process reuses is never signalled.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Jobs:
             "kind": kind,
             "run": run,
             "pid": proc.pid,
+            "pid_start": run_status.process_start(proc.pid),
             "command": ["tuneforge", *args],
             "log": log.relative_to(self.root).as_posix(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -91,7 +94,7 @@ class Jobs:
                         record["returncode"] = code
                         self._save(record)
                         self.procs.pop(record["id"], None)
-                elif not run_status.alive(record["pid"]):
+                elif not run_status.alive(record["pid"], record.get("pid_start")):
                     record["returncode"] = "unknown"  # started by an earlier UI process
                     self._save(record)
             record["running"] = record["returncode"] is None
@@ -105,23 +108,26 @@ class Jobs:
         return next((j for j in self.for_run(run) if j["running"]), None)
 
     def stop(self, run: str, run_dir: Path) -> int:
-        """SIGINT to the run's training process: the UI's job, or one started in a terminal
-        (status.json's pid, if it is a tuneforge process). Returns the pid."""
+        """SIGTERM to the run's job: the UI's own, or a `tuneforge train` started in a terminal
+        (status.json's process, the same one that wrote it). Returns the pid."""
         job = self.active(run)
         pid = job["pid"] if job else None
         if pid is None:
             state = run_status.read(run_dir)
-            if run_status.status(run_dir) == run_status.RUNNING and _is_tuneforge(state["pid"]):
+            if run_status.running_here(state) and _is_tuneforge_train(state["pid"]):
                 pid = state["pid"]
         if pid is None:
             raise TuneforgeError(f"'{run}' is not running")
-        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
         return pid
 
 
-def _is_tuneforge(pid: int) -> bool:
+def _is_tuneforge_train(pid: int) -> bool:
+    """Whether ``pid``'s command line is ``... tuneforge train ...`` (not ``ui`` or ``serve``)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\x00")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\x00")
     except OSError:
         return False
-    return any(part.endswith(b"tuneforge") for part in cmdline)
+    return any(
+        a.endswith(b"tuneforge") and b"train" in args[i + 1 : i + 2] for i, a in enumerate(args)
+    )

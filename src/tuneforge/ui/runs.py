@@ -9,6 +9,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import yaml
 
@@ -132,8 +133,37 @@ def eval_metric(run: Path) -> dict | None:
     return {"name": primary, "value": tuned, "base": base}
 
 
+_ROWS: dict[Path, tuple[tuple, dict]] = {}  # run -> (its files' versions, its numbers)
+WATCHED = ("config.yaml", "metrics.jsonl", "summary.json", "status.json", "eval.json")
+
+
 def run_row(root: Path, run: Path) -> dict:
-    """One line of the runs table."""
+    """One line of the runs table. The numbers are read again only when one of the run's
+    files changed (the table refreshes every few seconds); the status always."""
+    version = tuple(_version(run / name) for name in WATCHED)
+    cached = _ROWS.get(run)
+    if cached is None or cached[0] != version:
+        cached = (version, _numbers(run))
+        _ROWS[run] = cached
+    state = run_status.read(run)
+    return {
+        "id": run.relative_to(root).as_posix(),
+        "status": run_status.status(run),
+        **cached[1],
+        "started": state.get("started") or _iso(started_at(run)),
+        "error": state.get("error"),
+    }
+
+
+def _version(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_mtime_ns, st.st_size)
+
+
+def _numbers(run: Path) -> dict:
     cfg = read_config(run)
     training = cfg.get("training") or {}
     method = cfg.get("method") or {}
@@ -142,21 +172,15 @@ def run_row(root: Path, run: Path) -> dict:
     steps = [r["step"] for r in records]
     evals = [r["eval_loss"] for r in records if isinstance(r.get("eval_loss"), int | float)]
     speeds = [r["tokens_per_s"] for r in records if isinstance(r.get("tokens_per_s"), int | float)]
-    best = summary.get("best_eval_loss", min(evals) if evals else None)
-    state = run_status.read(run)
     return {
-        "id": run.relative_to(root).as_posix(),
-        "status": run_status.status(run),
         "model": cfg.get("model"),
         "method": method.get("name") if isinstance(method, dict) else method,
         "objective": training.get("objective", "sft"),
         "step": summary.get("steps", max(steps) if steps else 0),
         "total_steps": summary.get("total_steps") or training.get("max_steps") or None,
-        "best_eval_loss": best,
+        "best_eval_loss": summary.get("best_eval_loss", min(evals) if evals else None),
         "eval": eval_metric(run),
         "tokens_per_s": round(statistics.median(speeds), 1) if speeds else None,
-        "started": state.get("started") or _iso(started_at(run)),
-        "error": state.get("error"),
     }
 
 
@@ -194,7 +218,7 @@ def run_detail(root: Path, run: Path) -> dict:
         "summary": read_json(run / "summary.json"),
         "eval_verdict": results.get("verdict"),
         "advice": results.get("advice") or read_json(run / "summary.json").get("advice") or [],
-        "report": f"/files/{rel}/{report}" if report else None,
+        "report": "/files/" + quote(f"{rel}/{report}") if report else None,
         "checkpoints": sorted(p.name for p in (run / "checkpoints").glob("step-*")),
     }
 
@@ -204,6 +228,9 @@ def compare(root: Path, runs: list[Path]) -> dict:
     rows = [run_row(root, run) for run in runs]
     configs = [flatten(read_config(run)) for run in runs]
     keys = sorted(set().union(*configs)) if configs else []
-    differ = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    differ = [  # output_dir always differs: listed under "show all" only
+        k for k in keys
+        if k != "output_dir" and len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1
+    ]  # fmt: skip
     settings = {k: [c.get(k) for c in configs] for k in keys}
     return {"runs": rows, "settings": settings, "differ": differ}

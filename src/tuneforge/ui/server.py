@@ -16,8 +16,8 @@ def run_ui(root: Path, host: str, port: int, token: str | None) -> None:
     token = access_token(host, token, "--token")
     sock = bind(host, port)
     root.mkdir(parents=True, exist_ok=True)
-    app = create_app(root, Path.cwd(), token, loopback=is_loopback(host))
     bound_host, bound_port = sock.getsockname()[:2]
+    app = create_app(root, Path.cwd(), token, loopback=is_loopback(host), port=bound_port)
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     if bound_host in ("0.0.0.0", "::"):
         shown = "localhost"  # a browser on this machine; others use this machine's address

@@ -107,7 +107,15 @@ function setPage(page) {
     a.classList.toggle("active", a.dataset.page === page);
   }
 }
-function every(ms, fn) { timers.push(setInterval(fn, ms)); }
+// fn again ms after each call ends (never two at once on a slow server), until the page changes
+let pageGen = 0;
+function every(ms, fn) {
+  const gen = pageGen;
+  const tick = async () => {
+    try { await fn(); } finally { if (gen === pageGen) timers.push(setTimeout(tick, ms)); }
+  };
+  timers.push(setTimeout(tick, ms));
+}
 
 async function runsPage() {
   setPage("");
@@ -198,12 +206,13 @@ async function runPage(id) {
           (d.advice || []).length ? el("ul", {}, d.advice.map((a) => el("li", { text: a }))) : null),
         el("div", { class: "card" }, el("h2", { text: "Config" }), el("pre", { id: "config", text: d.config_text || "" }))),
       d.report ? el("div", { class: "card" }, el("h2", {}, "Evaluation report ", el("a", { href: d.report, target: "_blank" }, "(open)")),
-        el("iframe", { class: "report", src: d.report, title: "evaluation report" })) : null,
+        el("iframe", { class: "report", src: d.report, title: "evaluation report", sandbox: "" })) : null,
       d.log ? el("div", { class: "card" }, el("h2", { text: "Log" }), el("pre", { id: "log", text: d.log })) : null);
   }
   async function refresh() {
     try {
       const m = await api(`${apiPath("/api/metrics", id)}?since=${next}`);
+      if (m.reset) records.length = 0;  // metrics.jsonl was cut back to a checkpoint (resume)
       records.push(...m.records); next = m.next;
       if (m.records.length || !detail) drawCharts();
       const d = await api(apiPath("/api/run", id));
@@ -276,11 +285,12 @@ async function launchPage() {
     return el("div", {}, el("label", { text: f.key }), input, el("div", { class: "help", text: f.help }),
       el("div", { class: "field-error", "data-key": f.key }));
   }));
-  function fillForm() {  // the form shows what the YAML says
-    let flat = {};
-    try { flat = flatYaml(yamlBox.value); } catch (e) { return; }
+  async function fillForm() {  // the form shows what the YAML says (the server parses it)
+    const flat = (await api("/api/parse", { yaml: yamlBox.value })).values;
+    if (!flat) return;
     for (const [k, input] of Object.entries(inputs)) {
-      if (document.activeElement !== input) input.value = flat[k] === undefined ? "" : flat[k];
+      const v = flat[k];
+      if (document.activeElement !== input) input.value = v === undefined || v === null ? "" : String(v);
     }
   }
   async function setField(key, value) {
@@ -301,7 +311,7 @@ async function launchPage() {
   let pending = 0;
   async function check() {
     const mine = ++pending;
-    fillForm();
+    await fillForm();
     status.textContent = "checking…";
     try {
       const r = await api("/api/validate", { yaml: yamlBox.value });
@@ -324,25 +334,6 @@ async function launchPage() {
     el("div", { class: "grid2" }, fields, el("div", {}, el("div", { class: "card" }, yamlBox, yamlError,
       el("div", { class: "actions" }, launch, status)))));
   check();
-}
-
-// a small reader of the YAML the form shows: "key: value" lines under at most one section
-function flatYaml(text) {
-  const out = {};
-  let section = null;
-  for (const raw of text.split("\n")) {
-    const line = raw.replace(/\s+#.*$/, "");
-    if (!line.trim()) continue;
-    const m = line.match(/^(\s*)([\w.-]+):\s*(.*)$/);
-    if (!m) continue;
-    const [, indent, key, value] = m;
-    if (!indent) {
-      if (value === "") { section = key; continue; }
-      section = null;
-      out[key] = value.replace(/^['"]|['"]$/g, "");
-    } else if (section) out[`${section}.${key}`] = value.replace(/^['"]|['"]$/g, "");
-  }
-  return out;
 }
 
 async function chatPage(id) {
@@ -376,7 +367,7 @@ async function chatPage(id) {
 }
 
 function route() {
-  timers.forEach(clearInterval); timers = [];
+  pageGen++; timers.forEach(clearTimeout); timers = [];
   const path = decodeURIComponent(location.pathname);
   const [, page, ...rest] = path.split("/");
   const id = rest.join("/");
