@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +58,23 @@ def runs_root(tmp_path_factory) -> Path:
     train_run(root, "lr-low", train, eval_, **{"training.learning_rate": 1e-4})
     train_run(root, "lr-high", train, eval_, **{"training.learning_rate": 5e-2, "method.r": 8})
     return root
+
+
+def tuneforge(*args: str, cwd: Path) -> tuple[int, str, str]:
+    """``tuneforge ARGS`` run in this process from ``cwd``: (exit status, stdout, stderr). The
+    same code path as the command (cli.main), without a new interpreter's seconds of imports."""
+    from tuneforge.cli import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    sigterm = signal.getsignal(signal.SIGTERM)  # `train` installs its own
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        os.chdir(here)
+        signal.signal(signal.SIGTERM, sigterm)
+    return code, out.getvalue(), err.getvalue()
 
 
 class Server:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..conftest import run_cli
-from .conftest import start_ui, stop_ui
+from .conftest import start_ui, stop_ui, tuneforge
 from .test_api import launch_yaml
 
 WAIT = 120_000  # ms: a loaded 2-core machine is slow to load even a tiny model
@@ -89,10 +88,9 @@ def test_a_report_with_script_is_shown_but_its_script_never_runs(ui, page, runs_
     page.on("request", lambda r: requests.append(r.url))
     try:
         page.goto(ui.url + "run/lr-low")
-        page.wait_for_selector("iframe.report")
-        frame = next(f for f in page.frames if f.url.endswith("/report.html"))
-        frame.wait_for_selector("#body")
-        assert frame.locator("#body").inner_text() == "report body"
+        body = page.frame_locator("iframe.report").locator("#body")  # found again if redrawn
+        body.wait_for(timeout=WAIT)
+        assert body.inner_text() == "report body"
         page.wait_for_timeout(500)
         assert page.title() == "tuneforge"
         assert not [u for u in requests if u.endswith("/api/runs")]
@@ -109,9 +107,9 @@ def test_a_typo_shows_the_one_line_error_beside_the_field(ui, page, runs_root, t
     error.wait_for()
     page.wait_for_function("document.querySelector('#yaml-error').textContent.length > 0")
     (tmp_path / "config.yaml").write_text(text.replace("learning_rate:", "learnig_rate:"))
-    cli = run_cli("train", "config.yaml", cwd=tmp_path)
-    assert cli.returncode == 2
-    assert f"error: {error.inner_text()}" == cli.stderr.strip().splitlines()[-1]
+    code, _, err = tuneforge("train", "config.yaml", cwd=tmp_path)
+    assert code == 2
+    assert f"error: {error.inner_text()}" == err.strip().splitlines()[-1]
     assert "did you mean 'learning_rate'" in error.inner_text()
     assert page.locator("#launch").is_disabled()
     # a form field: the error appears beside it
@@ -141,17 +139,14 @@ def test_chat_answers_what_generate_answers(ui, page, runs_root):
         reply = page.locator(".msg.assistant").first
         reply.wait_for(timeout=WAIT)
         args = ["generate", str(run), "--prompt", prompt] + (["--base"] if base else [])
-        cli = run_cli(*args)
-        assert cli.returncode == 0, cli.stderr
+        code, out, err = tuneforge(*args, cwd=run)  # `tuneforge generate`, in this process
+        assert code == 0, err
         label = reply.locator(".who").inner_text()
         assert label == ("base" if base else "lr-high")
-        assert reply.inner_text()[len(label) :].strip() == cli.stdout.strip()
+        assert reply.inner_text()[len(label) :].strip() == out.strip()
+        screenshot(page, f"chat-{label}")
         page.click("text=New conversation")
     assert page.locator(".msg").count() == 0
-    page.fill("#prompt", prompt)
-    page.click("#send")
-    page.locator(".msg.assistant").wait_for(timeout=WAIT)
-    screenshot(page, "chat")
 
 
 def test_a_launched_run_curve_grows_while_it_trains_and_stops(page, tmp_path):
