@@ -526,26 +526,26 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
             except TuneforgeError as e:
                 errors.append(str(e))
         names = " or ".join(_type_name(a) for a in args if a is not type(None))
-        raise TuneforgeError(f"{where}'{key}' must be {names}, got {value!r}")
+        raise TuneforgeError(f"{where}'{key}' must be {names}, got {value!r}", key)
     if origin is dict:  # (a bare ``dict`` element, as data.mix's, is checked by its section)
         if not isinstance(value, dict):
-            raise TuneforgeError(f"{where}'{key}' must be a mapping, got {value!r}")
+            raise TuneforgeError(f"{where}'{key}' must be a mapping, got {value!r}", key)
         return value
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            raise TuneforgeError(f"{where}'{key}' must be a list, got {value!r}")
+            raise TuneforgeError(f"{where}'{key}' must be a list, got {value!r}", key)
         return [_coerce(v, args[0], key, where) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise TuneforgeError(f"{where}'{key}' must be true or false, got {value!r}")
+        raise TuneforgeError(f"{where}'{key}' must be true or false, got {value!r}", key)
     if hint is int:
         if isinstance(value, bool):
-            raise TuneforgeError(f"{where}'{key}' must be an integer, got {value!r}")
+            raise TuneforgeError(f"{where}'{key}' must be an integer, got {value!r}", key)
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -555,10 +555,10 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise TuneforgeError(f"{where}'{key}' must be an integer, got {value!r}")
+        raise TuneforgeError(f"{where}'{key}' must be an integer, got {value!r}", key)
     if hint is float:
         if isinstance(value, bool):
-            raise TuneforgeError(f"{where}'{key}' must be a number, got {value!r}")
+            raise TuneforgeError(f"{where}'{key}' must be a number, got {value!r}", key)
         if isinstance(value, int | float):
             return float(value)
         if isinstance(value, str):
@@ -566,13 +566,13 @@ def _coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise TuneforgeError(f"{where}'{key}' must be a number, got {value!r}")
+        raise TuneforgeError(f"{where}'{key}' must be a number, got {value!r}", key)
     if hint is str:
         if isinstance(value, str):
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
-        raise TuneforgeError(f"{where}'{key}' must be a string, got {value!r}")
+        raise TuneforgeError(f"{where}'{key}' must be a string, got {value!r}", key)
     return value
 
 
@@ -612,7 +612,7 @@ def _apply(cfg: Any, data: dict, prefix: str, source: str, lines: dict[str, int]
             where = _where(source, lines, key)
             section = prefix.rstrip(".") or "the top level"
             raise TuneforgeError(
-                f"{where}unknown key '{name}' in {section}{_suggest(str(name), list(fields))}"
+                f"{where}unknown key '{name}' in {section}{_suggest(str(name), list(fields))}", key
             )
         where = _where(source, lines, key)
         if name in SECTIONS and prefix == "":
@@ -621,14 +621,14 @@ def _apply(cfg: Any, data: dict, prefix: str, source: str, lines: dict[str, int]
             if value is None:
                 continue
             if not isinstance(value, dict):
-                raise TuneforgeError(f"{where}'{key}' must be a mapping of keys to values")
+                raise TuneforgeError(f"{where}'{key}' must be a mapping of keys to values", key)
             _apply(getattr(cfg, name), value, key + ".", source, lines)
             continue
         coerced = _coerce(value, hints[name], key, where)
         choices = fields[name].metadata.get("choices")
         if choices and coerced not in choices:
             raise TuneforgeError(
-                f"{where}'{key}' is {coerced!r}; choose one of {', '.join(choices)}"
+                f"{where}'{key}' is {coerced!r}; choose one of {', '.join(choices)}", key
             )
         setattr(cfg, name, coerced)
 
@@ -701,7 +701,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     t, m, d = cfg.training, cfg.method, cfg.data
 
     def bad(key: str, msg: str) -> None:
-        raise TuneforgeError(f"{source}: '{key}' {msg}")
+        raise TuneforgeError(f"{source}: '{key}' {msg}", key)
 
     if not cfg.model:
         bad("model", "is required (e.g. model: smollm2-135m-instruct)")
@@ -749,7 +749,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         try:
             d.mix = parse_mix_config(d.mix)
         except TuneforgeError as e:
-            raise TuneforgeError(f"{source}: {e}") from None
+            raise TuneforgeError(f"{source}: {e}", "data.mix") from None
     _validate_preference(cfg, bad)
     validate_eval(cfg.eval, source)
     if m.name == "qlora" or t.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
@@ -983,7 +983,7 @@ def validate_eval(e: EvalConfig, source: str = "config") -> None:
     from tuneforge.eval.metrics import check_metric_names
 
     def bad(key: str, msg: str) -> None:
-        raise TuneforgeError(f"{source}: 'eval.{key}' {msg}")
+        raise TuneforgeError(f"{source}: 'eval.{key}' {msg}", f"eval.{key}")
 
     if not e.metrics:
         bad("metrics", "must name at least one metric (e.g. [exact_match])")

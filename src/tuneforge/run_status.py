@@ -23,7 +23,7 @@ from pathlib import Path
 from tuneforge.files import write_atomic
 
 STATUS_FILE = "status.json"
-STALE_SECONDS = 30 * 60  # another machine's run whose folder has not changed for this long: gone
+STALE_SECONDS = 30 * 60  # another machine's process silent this long is gone (runs, sweep workers)
 # what ``status`` returns
 RUNNING, FINISHED, STOPPED_EARLY, STOPPED, CRASHED, UNKNOWN = (
     "running",

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneforge import run_status
 from tuneforge.config import Config, SweepConfig, dump_config, load_config
 from tuneforge.errors import TuneforgeError
 from tuneforge.files import write_atomic
@@ -36,7 +37,6 @@ STUDY = "sweep"
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
         17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}  # fmt: skip
-STALE_SECONDS = 30 * 60  # a running setting whose worker has not logged for this long is retried
 
 
 # -- the search space ---------------------------------------------------------------------------
@@ -420,15 +420,9 @@ def _dead(trial) -> bool:
     worker = trial.user_attrs.get("worker", "")
     host, _, pid = worker.rpartition(":")
     if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return not run_status.alive(int(pid))
     alive = trial.user_attrs.get("alive_at") or trial.datetime_start.timestamp()
-    return time.time() - alive > STALE_SECONDS
+    return time.time() - alive > run_status.STALE_SECONDS
 
 
 def recover(study) -> list[int]:

@@ -292,12 +292,17 @@ def test_an_output_dir_with_spaces_and_hashes_survives_the_override(tmp_path):
     assert load_config(tmp_path / "c.yaml", [output_override(out)]).output_dir == str(out)
 
 
-def test_form_values_set_keys_in_the_yaml():
-    text = "model: a\nmethod: lora\ntraining:\n  seed: 1\n"
-    out = yaml.safe_load(set_keys(text, {"method.r": "8", "training.seed": "", "data.train": "d.jsonl",
-                                         "training.learning_rate": "1e-4"}))  # fmt: skip
-    assert out == {"model": "a", "method": {"name": "lora", "r": 8}, "training": {
-        "learning_rate": 1e-4}, "data": {"train": "d.jsonl"}}  # fmt: skip
+def test_form_values_set_keys_in_the_yaml_as_overrides_would():
+    from tuneforge.config import config_from_text
+
+    text = "model: a\noutput_dir: o\nmethod: lora\ntraining:\n  seed: 1\ndata: {train: x}\n"
+    values = {"method.r": "8", "training.seed": "", "data.train": "d.jsonl",
+              "training.learning_rate": "1e-4", "data.no.such": ""}  # fmt: skip
+    out = set_keys(text, values)
+    assert yaml.safe_load(out) == {"model": "a", "output_dir": "o", "method": {"name": "lora", "r": 8},
+                                   "training": {"learning_rate": "1e-4"}, "data": {"train": "d.jsonl"}}  # fmt: skip
+    cfg = config_from_text(out, "config.yaml")  # what train makes of it: 1e-4 is a number
+    assert cfg.training.learning_rate == 1e-4 and cfg.training.seed == 42 and cfg.method.r == 8
 
 
 def test_status_json_follows_a_training_process(tmp_path):

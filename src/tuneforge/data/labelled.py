@@ -127,12 +127,10 @@ def prepare_labelled_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedLabe
     Raises:
         TuneforgeError: bad records, no example left, or only one kind of label.
     """
-    from tuneforge.data.pipeline import prepare_records
+    from tuneforge.data.pipeline import prepare_records, record_converter
 
     ensure_chat_template(tokenizer)
-    prepared = prepare_records(
-        cfg, seed, lambda r: to_examples(r, cfg.system_prompt), lambda xs: xs[0].prompt
-    )
+    prepared = prepare_records(cfg, seed, record_converter(cfg, "kto"), lambda xs: xs[0].prompt)
     flat = [x for xs in prepared.train for x in xs]
     train, stats = render_labelled(tokenizer, flat, cfg.max_length)
     if not train:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tuneforge.config import DataConfig
 from tuneforge.data.fields import prompt_text
@@ -129,12 +130,36 @@ def prepare_conversations(
     return prepare_records(
         cfg,
         seed,
-        lambda r: to_messages(r, cfg.format, cfg.system_prompt),
+        record_converter(cfg, "sft"),
         lambda m: m,
         model=model,
         tokenizer=tokenizer,
         log=log,
     )
+
+
+def record_converter(cfg: DataConfig, objective: str) -> Callable[[Record], Any]:
+    """How one record becomes what ``objective`` trains on; a bad record raises its one-line
+    error. The objectives' data preparation and the web UI's launch check both use it."""
+    if objective == "sft":
+        return lambda r: to_messages(r, cfg.format, cfg.system_prompt)
+    if objective in ("reward", "dpo", "orpo", "simpo"):
+        from tuneforge.data.preference import to_preference
+
+        return lambda r: to_preference(r, cfg.system_prompt)
+    if objective == "kto":
+        from tuneforge.data.labelled import to_examples
+
+        return lambda r: to_examples(r, cfg.system_prompt)
+    if objective == "grpo":
+        from tuneforge.data.preference import to_prompt_record
+
+        return lambda r: to_prompt_record(r, cfg.system_prompt)
+    if objective == "ppo":
+        from tuneforge.data.preference import PROMPTS_NEED, prompt_messages
+
+        return lambda r: prompt_messages(r, cfg.system_prompt, PROMPTS_NEED)
+    raise ValueError(f"unknown objective {objective}")  # config validation prevents this
 
 
 def prepare_records(

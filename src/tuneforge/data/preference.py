@@ -207,12 +207,10 @@ def prepare_preference_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedPa
     Raises:
         TuneforgeError: bad records, or no pair left within ``max_length``.
     """
-    from tuneforge.data.pipeline import prepare_records
+    from tuneforge.data.pipeline import prepare_records, record_converter
 
     ensure_chat_template(tokenizer)
-    prepared = prepare_records(
-        cfg, seed, lambda r: to_preference(r, cfg.system_prompt), lambda p: p.prompt
-    )
+    prepared = prepare_records(cfg, seed, record_converter(cfg, "dpo"), lambda p: p.prompt)
     train, stats = render_pairs(tokenizer, prepared.train, cfg.max_length)
     if not train:
         raise TuneforgeError(
@@ -234,11 +232,9 @@ def load_prompts(path: str, system_prompt: str | None = None) -> list[Messages]:
 
 def prepare_prompts(cfg: DataConfig, seed: int) -> tuple[list[Messages], list[Messages]]:
     """(train prompts, eval prompts) after the data steps every objective shares."""
-    from tuneforge.data.pipeline import prepare_records
+    from tuneforge.data.pipeline import prepare_records, record_converter
 
-    prepared = prepare_records(
-        cfg, seed, lambda r: prompt_messages(r, cfg.system_prompt, PROMPTS_NEED), lambda m: m
-    )
+    prepared = prepare_records(cfg, seed, record_converter(cfg, "ppo"), lambda m: m)
     return prepared.train, prepared.eval
 
 
@@ -267,11 +263,9 @@ def to_prompt_record(rec: Record, system_prompt: str | None = None) -> PromptRec
 def prepare_prompt_records(cfg: DataConfig, seed: int) -> tuple[list, list]:
     """(train, eval) GRPO prompt records after the data steps every objective shares; every
     record must carry the same fields (reward functions get one list per field)."""
-    from tuneforge.data.pipeline import prepare_records
+    from tuneforge.data.pipeline import prepare_records, record_converter
 
-    prepared = prepare_records(
-        cfg, seed, lambda r: to_prompt_record(r, cfg.system_prompt), lambda p: p.messages
-    )
+    prepared = prepare_records(cfg, seed, record_converter(cfg, "grpo"), lambda p: p.messages)
     items = prepared.train + prepared.eval
     if items:
         first = items[0]

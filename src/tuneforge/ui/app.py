@@ -71,33 +71,14 @@ class NotFound(TuneforgeError):
     pass
 
 
-class FieldError(TuneforgeError):
-    """A check's error, with the config key it is about (for the page to show it there)."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
-
-
 def about(key: str, check, *args):
-    """``check(*args)``; its ``TuneforgeError`` carries ``key`` as the field."""
+    """``check(*args)``; its ``TuneforgeError`` is about config key ``key`` (the page shows
+    the line beside that field)."""
     try:
         return check(*args)
     except TuneforgeError as e:
-        raise FieldError(str(e), key) from None
-
-
-def error_field(message: str) -> str | None:
-    """The config key a one-line config error names ('training.lr' of "unknown key 'lr' in
-    training"), for the page to show the error beside that field."""
-    unknown = re.search(r"unknown key '([^']+)' in (\S+?)(?:;|$| \()", message)
-    if unknown:
-        section = unknown.group(2)
-        return unknown.group(1) if section == "the" else f"{section}.{unknown.group(1)}"
-    named = re.search(
-        r"'((?:model|output_dir|(?:method|data|training|eval|sweep)\.[\w.]+))'", message
-    )
-    return named.group(1) if named else None
+        e.key = e.key or key
+        raise
 
 
 def output_override(path: Path) -> str:
@@ -135,37 +116,37 @@ def form_fields() -> list[dict]:
 
 
 def set_keys(text: str, values: dict) -> str:
-    """The YAML ``text`` with dotted ``values`` set (parsed as YAML, like ``key=value``
-    overrides; an empty value removes the key)."""
+    """The YAML ``text`` with dotted ``values`` set, each read as a ``key=value`` override is
+    (config.parse_overrides); an empty value removes the key."""
+    from tuneforge.config import parse_overrides
+
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError:
         raise TuneforgeError("config.yaml: fix the YAML first (invalid YAML)") from None
     if not isinstance(data, dict):
         raise TuneforgeError("config.yaml:1: a config must be a mapping of keys to values")
-    for key, raw in values.items():
-        parts = str(key).split(".")
+    if isinstance(data.get("method"), str):  # `method: lora` is short for {name: lora}
+        data["method"] = {"name": data["method"]}
+    given = {k: v for k, v in values.items() if v is not None and str(v).strip()}
+    merge(data, parse_overrides([f"{k}={v}" for k, v in given.items()]))
+    for key in set(values) - set(given):
+        *sections, name = str(key).split(".")
         node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {"name": child} if part == "method" and isinstance(child, str) else {}
-                node[part] = child
-            node = child
-        if raw is None or str(raw).strip() == "":
-            node.pop(parts[-1], None)
-            continue
-        try:
-            value = yaml.safe_load(str(raw))
-        except yaml.YAMLError:
-            value = str(raw)
-        if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-            value = float(value)  # 1e-4: a number to a person, a string to YAML 1.1
-        node[parts[-1]] = value
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(name, None)
     return yaml.safe_dump(data, sort_keys=False)
 
 
-BUILTIN_REWARDS = ("exact_match", "regex", "json_valid", "length")
+def merge(into: dict, new: dict) -> None:
+    """``new``'s keys into ``into``, section by section."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def code_settings(t) -> list[tuple[str, str]]:
@@ -175,31 +156,12 @@ def code_settings(t) -> list[tuple[str, str]]:
 
 
 def check_records(cfg, path: Path) -> None:
-    """Read ``path`` and turn each record into what ``training.objective`` trains on, with the
-    converters training uses: the first bad record raises its one-line error."""
+    """Read ``path`` and turn each record into what ``training.objective`` trains on, with
+    training's own converter: the first bad record raises its one-line error."""
     from tuneforge.data.io import read_records
+    from tuneforge.data.pipeline import record_converter
 
-    d, objective = cfg.data, cfg.training.objective
-    if objective == "sft":
-        from tuneforge.data.records import to_messages
-
-        convert = lambda r: to_messages(r, d.format, d.system_prompt)  # noqa: E731
-    elif objective in ("reward", "dpo", "orpo", "simpo"):
-        from tuneforge.data.preference import to_preference
-
-        convert = lambda r: to_preference(r, d.system_prompt)  # noqa: E731
-    elif objective == "kto":
-        from tuneforge.data.labelled import to_examples
-
-        convert = lambda r: to_examples(r, d.system_prompt)  # noqa: E731
-    elif objective == "grpo":
-        from tuneforge.data.preference import to_prompt_record
-
-        convert = lambda r: to_prompt_record(r, d.system_prompt)  # noqa: E731
-    else:  # ppo
-        from tuneforge.data.preference import PROMPTS_NEED, prompt_messages
-
-        convert = lambda r: prompt_messages(r, d.system_prompt, PROMPTS_NEED)  # noqa: E731
+    convert = record_converter(cfg.data, cfg.training.objective)
     for record in read_records(path):
         convert(record)
 
@@ -211,7 +173,7 @@ class UI:
         self.root = root.resolve()
         self.cwd = cwd.resolve()
         self.jobs = Jobs(self.root, self.cwd)
-        self.checked: dict[tuple, str] = {}  # data files that passed check_records
+        self.checked: set[tuple] = set()  # data files (and versions) that passed check_records
         self.chat_lock = threading.Lock()
         self.chat_key: tuple | None = None
         self.engine = None
@@ -233,12 +195,11 @@ class UI:
         path = (self.cwd / value).resolve()
         if not any(path.is_relative_to(r) for r in roots):
             where = " or ".join(str(r) for r in roots)
-            refused = R.PathRefused(
+            raise R.PathRefused(
                 f"config.yaml: '{key}' {value} is outside {where}; the UI reads and writes "
-                "only there"
+                "only there",
+                key,
             )
-            refused.field = key
-            raise refused
         return path
 
     # -- launch -------------------------------------------------------------------------------
@@ -249,6 +210,7 @@ class UI:
         outside them. Returns (config, run folder)."""
         from tuneforge.config import config_from_text
         from tuneforge.models import ALIASES, resolve_model
+        from tuneforge.train.reward_functions import BUILTINS
         from tuneforge.train.run import check_run_dir
 
         cfg = config_from_text(text, "config.yaml")
@@ -256,21 +218,28 @@ class UI:
             raise TuneforgeError("config.yaml: the UI launches one run; remove the sweep section")
         out = self.user_path(cfg.output_dir, "output_dir", (self.root,))
         if out == self.root or out.is_relative_to(self.root / R.UI_DIR):
-            raise FieldError(f"config.yaml: 'output_dir' must name a folder inside {self.root}",
-                             "output_dir")  # fmt: skip
+            raise R.PathRefused(
+                f"config.yaml: 'output_dir' must name a folder inside {self.root}", "output_dir"
+            )
         about("output_dir", check_run_dir, out, False, False)
         if cfg.trust_remote_code:
-            raise FieldError("config.yaml: 'trust_remote_code' runs code from the model folder; "
-                             "the UI does not launch that (use tuneforge train)", "trust_remote_code")  # fmt: skip
+            raise TuneforgeError(
+                "config.yaml: 'trust_remote_code' runs code from the model folder; the UI does "
+                "not launch that (use tuneforge train)",
+                "trust_remote_code",
+            )
         mine = (self.root, self.cwd)
         t, d = cfg.training, cfg.data
         for key, spec in code_settings(t):
-            if spec.split(":", 1)[0] in BUILTIN_REWARDS:
+            if spec.split(":", 1)[0] in BUILTINS:
                 continue
             file = spec.rsplit(":", 1)[0]
             if not file.endswith(".py"):
-                raise FieldError(f"config.yaml: '{key}' {spec}: the UI runs reward code only from "
-                                 "a file.py:function in its folders, not an importable module", key)  # fmt: skip
+                raise TuneforgeError(
+                    f"config.yaml: '{key}' {spec}: the UI runs reward code only from a "
+                    "file.py:function in its folders, not an importable module",
+                    key,
+                )
             self.user_path(file, key, mine)
         paths = [("data.eval", d.eval), ("eval.data", cfg.eval.data)]
         paths += [
@@ -301,11 +270,11 @@ class UI:
                        cfg.data.format, cfg.data.system_prompt)  # fmt: skip
         except OSError:
             version = None
-        if version is not None and self.checked.get(version) == "ok":
+        if version in self.checked:
             return
         about(key, check_records, cfg, path)
         if version is not None:
-            self.checked[version] = "ok"
+            self.checked.add(version)
 
     def launch(self, text: str) -> dict:
         cfg, out = self.check(text)
@@ -325,8 +294,7 @@ class UI:
 
         if not is_run(run):
             raise TuneforgeError(f"'{run.name}' has no trained weights yet (did it finish?)")
-        weights = max(p.stat().st_mtime_ns for p in run.glob("*/*.safetensors")) if any(
-            run.glob("*/*.safetensors")) else 0  # fmt: skip
+        weights = max((p.stat().st_mtime_ns for p in run.glob("*/*.safetensors")), default=0)
         with self.chat_lock:
             if self.chat_key != (run, weights):
                 if self.engine is not None:
@@ -413,8 +381,7 @@ def create_app(root: Path, cwd: Path | None = None, token: str | None = None,
         status = 403 if isinstance(e, R.PathRefused) else 404 if isinstance(e, NotFound) else (
             409 if isinstance(e, Busy) else 400)  # fmt: skip
         message = str(e)
-        field = getattr(e, "field", None) or error_field(message)
-        return JSONResponse({"error": message, "field": field, "line": error_line(message)}, status)
+        return JSONResponse({"error": message, "field": e.key, "line": error_line(message)}, status)
 
     async def json_body(request: Request) -> dict:
         try:
