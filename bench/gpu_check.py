@@ -125,7 +125,6 @@ def tiny_overrides(
         o["method.target_modules"] = "all-linear"
     if method == "qlora":  # the paged optimizer on CUDA; on the CPU it is plain AdamW
         o["training.optimizer"] = "paged_adamw"
-        o["method.compute_dtype"] = dtype
     return o
 
 
@@ -299,11 +298,11 @@ def markdown(res: dict) -> str:
         )  # fmt: skip
     lines.append(f"| resume after SIGKILL at step {r['killed_after_step']} | {verdict(r)} | {got} | equal |")  # fmt: skip
     r = c["full_bf16_updates"]
-    if "changed_bfloat16" in r:
+    if "changed_bf16_master" in r:
         lines.append(
-            f"| full fine-tuning, one AdamW step at lr 2e-5 | finding | "
-            f"{100 * r['changed_bfloat16']:.1f}% of bf16 weights changed (fp32: "
-            f"{100 * r['changed_float32']:.1f}%) | |"
+            f"| full fine-tuning, one AdamW step at lr 2e-5: weights changed | finding | "
+            f"bf16 autocast + fp32 master weights {100 * r['changed_bf16_master']:.1f}%, bf16 "
+            f"weights {100 * r['changed_bf16_pure']:.1f}%, fp32 {100 * r['changed_float32']:.1f}% | |"
         )
     r = c["compile"]
     got = f"loss {100 * r['max_rel_diff_loss']:.2f}% from eager" if "max_rel_diff_loss" in r else ""

@@ -151,32 +151,48 @@ def _same_run(a: Path, b: Path) -> dict:
 
 
 def bf16_updates(a: dict) -> dict:
-    """The share of weights one AdamW step at lr 2e-5 changes in full fine-tuning, with the
-    weights held in bf16 and in fp32: an update below half a bf16 step rounds away."""
+    """The share of weights one AdamW step of full fine-tuning at lr 2e-5 changes: in float32,
+    under bf16 autocast with float32 master weights (``training.master_weights``, the default),
+    and with the weights held in bf16 (``master_weights: false``), where an update below half
+    a bf16 step rounds away."""
     import torch
 
-    from tuneforge.config import MethodConfig, TrainingConfig
+    from tuneforge.config import load_config
     from tuneforge.data.batching import collate_padded
     from tuneforge.data.render import Sample
-    from tuneforge.methods import apply_method
-    from tuneforge.models import load_model
+    from tuneforge.methods import apply_method, load_base
     from tuneforge.train.loop import build_optimizer
+    from tuneforge.train.precision import Precision
     from tuneforge.train.sft import SFTObjective
 
     out = {"learning_rate": 2e-5}
-    for dtype in ("bfloat16", "float32"):
+    device = torch.device(a["device"])
+    for name, dtype, master in (
+        ("float32", "float32", True),
+        ("bf16_master", "bfloat16", True),
+        ("bf16_pure", "bfloat16", False),
+    ):
+        cfg = load_config(None, [
+            "model=tiny-llama", "output_dir=unused", "data.train=unused.jsonl",
+            "method.name=full", f"training.dtype={dtype}", f"training.master_weights={master}",
+            "training.learning_rate=2e-5", "training.weight_decay=0",
+        ])  # fmt: skip
         torch.manual_seed(0)
-        model, tok, _ = load_model("tiny-llama", dtype=dtype, device=a["device"])
-        model = apply_method(model, MethodConfig(name="full"))
+        model, tok, _ = load_base(cfg, device)
+        model = apply_method(model, cfg.method)
+        precision = Precision.of(cfg.training, device)
+        precision.keep_master_weights(model)
         ids = torch.randint(0, len(tok), (4, 32)).tolist()
         batch = collate_padded([Sample(x, x) for x in ids], tok.pad_token_id)
-        batch = {k: v.to(a["device"]) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in batch.items()}
         before = [p.detach().clone() for p in model.parameters()]
-        opt = build_optimizer(model, TrainingConfig(learning_rate=2e-5, weight_decay=0.0))
-        SFTObjective().loss_sum(model, batch).backward()
+        opt = build_optimizer(model, cfg.training)
+        with precision.autocast():
+            loss = SFTObjective().loss_sum(model, batch)
+        loss.backward()
         opt.step()
         changed = sum(int((p != b).sum()) for p, b in zip(model.parameters(), before, strict=True))
-        out[f"changed_{dtype}"] = changed / sum(b.numel() for b in before)
+        out[f"changed_{name}"] = changed / sum(b.numel() for b in before)
     return out
 
 

@@ -47,7 +47,8 @@ def test_dry_run_fills_every_section_with_real_numbers(tmp_path):
     assert resume["max_abs_diff"] == 0.0
     assert "skipped" in c["compile"]
     updates = c["full_bf16_updates"]
-    assert updates["changed_float32"] > 0.99 and 0 < updates["changed_bfloat16"] < 0.99
+    assert updates["changed_float32"] > 0.99 and updates["changed_bf16_master"] > 0.99
+    assert 0 < updates["changed_bf16_pure"] < 0.99
 
     for model in ("llama-3.2-1b", "qwen2.5-0.5b"):
         systems = res["speed"][model]

@@ -66,3 +66,44 @@ def test_a_flash_attn_that_does_not_import_gives_sdpa_and_one_warning(
         "warning: training.attn_implementation auto: flash-attn is installed but does not "
         "import (undefined symbol: _ZN3c104cuda); using sdpa"
     ]
+
+
+def test_a_gpu_load_goes_straight_to_the_device_and_master_weights_keep_flash_attn(
+    monkeypatch, flash_attn
+):
+    """On a GPU the weights load onto it (``device_map``), not onto the CPU first; full
+    fine-tuning's float32 master weights still get flash-attn, which autocast feeds in bf16.
+    No GPU here: ``from_pretrained`` is a stand-in that records what it was asked."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.config import load_config
+    from tuneforge.methods import load_base
+
+    flash_attn("good")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    asked = {}
+
+    class Loaded(torch.nn.Module):
+        def to(self, *args, **kwargs):
+            asked["to"] = args
+            return self
+
+    def from_pretrained(path, **kwargs):
+        asked.update(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a: None)
+    for method, dtype in (("full", torch.float32), ("lora", torch.bfloat16)):
+        asked.clear()
+        cfg = load_config(
+            None,
+            ["model=tiny-llama", "output_dir=x", "data.train=x.jsonl", f"method.name={method}"],
+        )
+        load_base(cfg, CUDA)
+        assert asked["device_map"] == {"": CUDA}
+        assert asked["dtype"] == dtype  # full: float32 master weights under bf16 autocast
+        assert asked["attn_implementation"] == "flash_attention_2"
+    assert models.placement(torch.device("cpu")) == {}  # mapped views of the file: not on a CPU

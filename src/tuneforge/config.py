@@ -107,10 +107,10 @@ class MethodConfig:
         "per weight.",
     )
     compute_dtype: str = _f(
-        "float32",
-        "qlora: dtype the 4-bit weights are dequantized to for each matmul (bfloat16 on GPUs "
-        "for speed; float32 on CPU).",
-        choices=("float32", "bfloat16", "float16"),
+        "auto",
+        "qlora: dtype the 4-bit weights are dequantized to for each matmul (auto: "
+        "training.dtype resolved, so bfloat16 on GPUs that support it and float32 on CPU).",
+        choices=("auto", "float32", "bfloat16", "float16"),
     )
     quantize_embeddings: bool = _f(
         True,
@@ -244,8 +244,18 @@ class TrainingConfig:
     )
     dtype: str = _f(
         "auto",
-        "auto | float32 | bfloat16: weight/compute dtype (auto: float32 on CPU, bfloat16 on GPUs that support it).",
+        "auto | float32 | bfloat16 | float16: the dtype matmuls run in (autocast) and frozen "
+        "weights are held in (auto: float32 on CPU, bfloat16 on GPUs that support it in "
+        "hardware). float16 scales the loss (dynamic, GradScaler). A fully fine-tuned model is "
+        "saved in it.",
         choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    master_weights: bool = _f(
+        True,
+        "Under a bfloat16 / float16 training.dtype, hold the weights that train in float32 so "
+        "small updates are not rounded away (mixed precision). false holds them in "
+        "training.dtype: half the memory of full fine-tuning's weights, gradients and optimizer "
+        "state, but an update below ~0.4% of a bfloat16 weight is lost; float16 needs true.",
     )
     device: str = _f("auto", "auto | cpu | cuda | cuda:N.")
     attn_implementation: str = _f(
@@ -765,6 +775,12 @@ def validate(cfg: Config, source: str = "config") -> None:
             m.target_modules = [t.strip() for t in m.target_modules.split(",") if t.strip()]
         if isinstance(m.target_modules, list) and not m.target_modules:
             bad("method.target_modules", "must name at least one module (or 'all-linear')")
+    if t.dtype == "float16" and not t.master_weights:
+        bad(
+            "training.master_weights",
+            "must be true under training.dtype float16: its loss scaling unscales float32 "
+            "gradients; set it to true, or use training.dtype: bfloat16",
+        )
     validate_method_extras(cfg, bad)
 
 

@@ -31,16 +31,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     gradients computed in forward: each chunk's logits become their exponentials ``e`` in place
     and are multiplied back at once (``(softmax - one_hot) @ W = (e @ W) / sum(e) - W[target]``),
     so only ``d loss / d hidden`` (and the head's gradient, when it trains) is kept. Backward
-    scales them by the incoming gradient: no logits are kept or recomputed."""
+    scales them by the incoming gradient: no logits are kept or recomputed.
+
+    ``dtype``: the matmuls' dtype (autocast's, taken by the caller), or None for the head's own;
+    a trained head's gradient is summed in the head's dtype (float32 master weights)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size: int, head, grads: bool):
+    def forward(ctx, hidden, weight, targets, chunk_size: int, head, grads: bool, dtype=None):
         want_h, want_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_h else None
         grad_w = None
+        cast = None if callable(head) else head.to(dtype or head.dtype)  # once, not per chunk
         for i in range(0, targets.numel(), chunk_size):
-            w = _head_weight(head)
+            w = _head_weight(head) if cast is None else cast
             h = hidden[i : i + chunk_size].to(w.dtype)
             t = targets[i : i + chunk_size]
             logits = (h @ w.t()).float()  # (n, V), the only (n, V) tensor
@@ -60,14 +64,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_w:
                 part = e.t() @ (h * inv.to(h.dtype))
                 part.index_add_(0, t, h, alpha=-1)
-                grad_w = part if grad_w is None else grad_w.add_(part)
+                grad_w = part.to(weight.dtype) if grad_w is None else grad_w.add_(part)
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_h, grad_w = (None if g is None else g * grad for g in ctx.saved_tensors)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def selective_lm_loss_sum(
@@ -86,7 +90,8 @@ def selective_lm_loss_sum(
         hidden: (B, T, C) final hidden states (after the last norm).
         head_weight: (V, C) the LM head (bias-free, as in Llama/Qwen/GPT-2 heads), or a function
             returning it (a 4-bit head dequantizes inside each chunk: the full-precision head
-            is then a temporary, never kept; it does not train). ``hidden`` is cast to its dtype.
+            is then a temporary, never kept; it does not train). ``hidden`` is cast to its dtype,
+            or under autocast both to autocast's dtype (the logits are float32 either way).
         labels: (B, T) with IGNORE where not supervised.
     """
     targets = labels[:, 1:]  # (B, T-1)
@@ -95,7 +100,14 @@ def selective_lm_loss_sum(
     t = targets[keep]  # (N,)
     weight = None if callable(head_weight) else head_weight
     grads = torch.is_grad_enabled()  # evaluation (no_grad) takes no gradients
-    return _LinearCrossEntropy.apply(h, weight, t, chunk_size, head_weight, grads)
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return _LinearCrossEntropy.apply(h, weight, t, chunk_size, head_weight, grads)
+    # Autocast does not reach inside an autograd Function consistently (index_add_ would mix
+    # dtypes): the Function casts explicitly, to autocast's dtype, with autocast off.
+    dtype = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        return _LinearCrossEntropy.apply(h, weight, t, chunk_size, head_weight, grads, dtype)
 
 
 # -- preference and RL losses ---------------------------------------------------------------------

@@ -270,8 +270,12 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str = "auto",
     quantization=None,
+    load_dtype: torch.dtype | None = None,
 ):
     """Load ``(model, tokenizer, resolved_path)`` for a reference; see the module docstring.
+
+    ``dtype`` is the dtype the model computes in; ``load_dtype``, when given, the one its
+    weights load in (float32 master weights under bf16 autocast: train/precision.py).
 
     ``attn_implementation`` auto picks flash_attention_2 on a CUDA GPU when the flash-attn package
     is installed (packed batches then use its variable-length kernel), else SDPA.
@@ -286,12 +290,13 @@ def load_model(
     resolved = resolve_model(ref)
     _quiet_transformers()
     dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
-    attn = _attn_implementation(attn_implementation, dev, torch_dtype)
+    compute = pick_dtype(dtype, dev)
+    attn = _attn_implementation(attn_implementation, dev, compute)
+    torch_dtype = load_dtype or compute
     path = Path(resolved)
-    quantized = {}
+    placed = placement(dev)
     if quantization is not None:
-        quantized = {"quantization_config": quantization, "device_map": {"": dev}}
+        placed = {"quantization_config": quantization, "device_map": {"": dev}}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -317,7 +322,7 @@ def load_model(
                     attn_implementation=attn,
                     trust_remote_code=trust_remote_code,
                     use_safetensors=True,  # never unpickle weights
-                    **quantized,
+                    **placed,
                 )
         tokenizer = load_tokenizer(resolved, trust_remote_code)
     except TuneforgeError:
@@ -328,9 +333,17 @@ def load_model(
     except ValueError as e:
         first = str(e).strip().splitlines()[0]
         raise TuneforgeError(f"model '{ref}': could not be loaded ({first})") from None
-    if not quantized:  # a quantized model was loaded onto its device (device_map)
-        model.to(dev)
+    if quantization is None:  # bitsandbytes refuses .to() on a 4-bit model (device_map put it)
+        model.to(dev)  # a no-op where device_map placed it on a GPU
     return model, tokenizer, resolved
+
+
+def placement(device: torch.device) -> dict:
+    """``from_pretrained`` keywords that load the weights straight onto a GPU: loading on the
+    CPU and then copying would take twice the time and the whole model in host memory. On the
+    CPU nothing: there ``device_map`` leaves the weights as views of the memory-mapped file,
+    which training would then write into."""
+    return {"device_map": {"": device}} if device.type == "cuda" else {}
 
 
 def _attn_implementation(choice: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -205,3 +205,15 @@ def test_gguf_file_cannot_be_loaded_in_4_bits(tmp_path, capsys):
     err = one_line_error(tmp_path, capsys, write_config(tmp_path, model=_builtin_gguf()))
     assert "a GGUF file cannot be loaded into a 4-bit base" in err
     assert err.endswith("or use method.name: lora")
+
+
+def test_compute_dtype_auto_is_the_runs_compute_dtype():
+    """method.compute_dtype auto: the dtype training.dtype resolves to (bfloat16 where asked or
+    on a GPU that has it, float32 on a CPU), so 4-bit matmuls run in the loop's dtype."""
+    for training_dtype, expect in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
+        model, _, _ = load_quantized_model(
+            "tiny-llama", training_dtype, "cpu", method=MethodConfig(name="qlora")
+        )
+        layers = linear_4bit_layers(model)
+        assert layers and {m.compute_dtype for _, m in layers} == {expect}
+        assert model.get_output_embeddings().compute_dtype == expect  # the 4-bit head too

@@ -46,12 +46,14 @@ def saved_folder(method: MethodConfig | str) -> str:
 
 def load_base(cfg, device: torch.device):
     """``(model, tokenizer, resolved)``: the base model as ``cfg.method`` trains it, for every
-    objective: in 4 bits (bitsandbytes) for qlora, else in ``training.dtype``.
+    objective: in 4 bits (bitsandbytes) for qlora, in float32 for full fine-tuning with master
+    weights (train/precision.py), else in ``training.dtype``.
 
     Raises:
         TuneforgeError: the model reference cannot be loaded, or 4-bit weights cannot run here.
     """
     from tuneforge.models import load_model
+    from tuneforge.train.precision import Precision
 
     t = cfg.training
     args = (cfg.model, t.dtype, str(device), cfg.trust_remote_code, t.attn_implementation)
@@ -59,7 +61,8 @@ def load_base(cfg, device: torch.device):
         from tuneforge.methods.quantize import load_quantized_model
 
         return load_quantized_model(*args, method=cfg.method)
-    return load_model(*args)
+    dtype = Precision.of(t, device).load_dtype(trains_base=not trains_adapter(cfg.method))
+    return load_model(*args, load_dtype=dtype)
 
 
 def apply_method(model: torch.nn.Module, cfg: MethodConfig, tokenizer=None) -> torch.nn.Module:

@@ -11,6 +11,7 @@ adapters on top are fp32 and are the only weights that train.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from math import prod
 from pathlib import Path
@@ -105,9 +106,13 @@ def load_quantized_model(
         TuneforgeError: bitsandbytes cannot run here, the model is a GGUF file, or too little of
             the model is made of linear layers that bitsandbytes can quantize.
     """
-    from tuneforge.models import load_model, pick_device, resolve_model
+    from tuneforge.models import load_model, pick_device, pick_dtype, resolve_model
 
-    check_4bit_runs(pick_device(device), method)
+    dev = pick_device(device)
+    if method.compute_dtype == "auto":  # the run's own compute dtype (training.dtype resolved)
+        resolved_dtype = str(pick_dtype(dtype, dev)).removeprefix("torch.")
+        method = dataclasses.replace(method, compute_dtype=resolved_dtype)
+    check_4bit_runs(dev, method)
     if Path(resolve_model(ref)).suffix == ".gguf":
         raise TuneforgeError(
             f"model '{ref}': a GGUF file cannot be loaded into a 4-bit base (transformers only "

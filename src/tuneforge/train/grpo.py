@@ -187,7 +187,8 @@ class GRPOTrainer(RolloutTrainer):
                 ]
                 units = sum(grpo_units(r.mask, t.loss_type) for r in micro)
                 for r in micro:
-                    logprobs = labelled_logprobs(self.policy, r.batch, t.temperature)
+                    with self.precision.autocast():
+                        logprobs = labelled_logprobs(self.policy, r.batch, t.temperature)
                     old = r.old_logprobs if r.old_logprobs is not None else logprobs.detach()
                     losses, hit, token_kl = grpo_token_losses(
                         logprobs,
@@ -199,7 +200,7 @@ class GRPOTrainer(RolloutTrainer):
                         r.ref_logprobs,
                     )
                     loss = grpo_loss_sum(losses, r.mask, t.loss_type, t.response_length)
-                    (loss / max(units, 1e-8)).backward()
+                    self.backward(loss / max(units, 1e-8))
                     loss_total += float(loss.detach()) / max(units, 1e-8)
                     clipped += float((hit & r.mask).sum())
                     if token_kl is not None:

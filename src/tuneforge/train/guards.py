@@ -145,6 +145,8 @@ def make_guard(ctx, data):
             log("guards: off (full fine-tuning on several processes shards the model)")
         return None
     advice = ADVICE.get(t.objective, "lower training.learning_rate")
-    return GenerationGuard(
-        ctx.lm, ctx.tokenizer, prompts, t.guard_max_new_tokens, t.max_kl, adapter, advice, t.seed
-    )
+    with ctx.precision.autocast():  # the starting answers, as the loop measures later ones
+        return GenerationGuard(
+            ctx.lm, ctx.tokenizer, prompts, t.guard_max_new_tokens, t.max_kl, adapter, advice,
+            t.seed,
+        )  # fmt: skip

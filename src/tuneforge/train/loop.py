@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,6 @@ from tuneforge.data.render import Sample
 from tuneforge.errors import TuneforgeError
 from tuneforge.methods.peft_methods import is_prompt_learning
 from tuneforge.methods.virtual_packing import packed_row_cost
-from tuneforge.models import weights_dtype
 from tuneforge.run_status import stop_requested
 from tuneforge.train.checkpoint import (
     list_checkpoints,
@@ -43,6 +43,7 @@ from tuneforge.train.fsdp import (
 )
 from tuneforge.train.fsdp import grad_norm as global_grad_norm
 from tuneforge.train.optimizers import make_optimizer
+from tuneforge.train.precision import Precision
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Optimizer:
@@ -59,6 +60,15 @@ def build_optimizer(model: torch.nn.Module, t: TrainingConfig) -> torch.optim.Op
     groups = [g for g in groups if g["params"]]
     # torch AdamW, or bitsandbytes' 8-bit / paged AdamW as training.optimizer says
     return make_optimizer(groups, t)
+
+
+def step_schedule(scheduler) -> None:
+    """Advance the LR schedule, also after a skipped update (a non-finite loss, a float16
+    overflow): the learning rate stays tied to the step count, and torch's warning that the
+    optimizer has not stepped yet is expected then, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        scheduler.step()
 
 
 def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
@@ -235,6 +245,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = device
+        # bf16 / fp16 autocast, float32 master weights, float16's loss scaling
+        self.precision = Precision.of(cfg, device)
+        self.scaler = self.precision.grad_scaler()
         self.last_eval_metrics: dict[str, float] = {}
         self.dist = dist or Dist()
         # FSDP2 (full fine-tuning on several ranks): every forward and backward is a collective
@@ -254,7 +267,7 @@ class Trainer:
             # prompt tuning: each sample's soft prompt; refuses prefix tuning with flash varlen
             packed_row_cost=packed_row_cost(model, attn.startswith("flash")) if packing else 0,
             collate=collate,
-            mask_dtype=weights_dtype(model),
+            mask_dtype=self.precision.compute,
         )
         micro_per_epoch = len(self.epoch_micro_batches(0))
         self.steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation)
@@ -284,10 +297,8 @@ class Trainer:
         return self.plan.make_batch(spec, self.dist.rank if rank is None else rank)
 
     def autocast(self):
-        """bf16 autocast on GPUs that support it when the model runs in bf16; fp32 on CPU."""
-        dtype = weights_dtype(self.model)
-        enabled = self.device.type == "cuda" and dtype == torch.bfloat16
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled)
+        """Autocast to ``training.dtype`` when it is bf16 / fp16 (train/precision.py)."""
+        return self.precision.autocast()
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -322,9 +333,9 @@ class Trainer:
                 )
             loss = per_unit(loss_sum, units)
             if not counts:  # an FSDP2 stand-in: joins the collectives, adds nothing
-                (loss * 0.0).backward()
+                self.scaler.backward(loss * 0.0)
                 continue
-            loss.backward()
+            self.scaler.backward(loss)
             total += float(loss.detach())
             for k, v in metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
@@ -353,6 +364,7 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         out = self.accumulate_gradients(step)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler.unscale(self.optimizer)  # float16: the true gradients, before clipping
         # Under FSDP2 the gradients are DTensors: both give the global norm over all shards.
         if self.cfg.max_grad_norm > 0:
             grad_norm = to_float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
@@ -361,10 +373,13 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         finite = math.isfinite(out["loss"]) and math.isfinite(grad_norm)
         if finite:
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+        scale = self.scaler.scale  # the one this step's backward used
+        # float16: an overflow halves the loss scale; that step's update is skipped
+        overflowed = self.scaler.update()
         # A non-finite loss or gradient skips the update; the schedule still advances so the
         # learning rate stays tied to the step count.
-        self.scheduler.step()
+        step_schedule(self.scheduler)
         self.optimizer.zero_grad(set_to_none=True)
         result = {
             "loss": out["loss"],
@@ -373,8 +388,13 @@ class Trainer:
             "tokens": out["tokens"],
             **out["metrics"],
         }
+        if scale is not None:
+            result["loss_scale"] = scale
         if not finite:
             result["skipped"] = True
+            if overflowed and math.isfinite(out["loss"]):
+                # float16's loss scaling finding its range, not divergence
+                result["overflow"] = True
         return result
 
     @torch.no_grad()
@@ -477,6 +497,7 @@ class Trainer:
                 state, best_state = load_checkpoint(
                     ckpts[-1], self.model, self.optimizer, self.scheduler, rank=self.dist.rank
                 )
+                self.scaler.load_state_dict(state.pop("grad_scaler", None))
                 if best_state is None and state["best_step"] == state["global_step"]:
                     # the checkpoint's own weights are the best so far (no best.safetensors)
                     best_state = trainable_state(self.model)
@@ -511,7 +532,13 @@ class Trainer:
                 dt = time.perf_counter() - t0
                 state["global_step"] = step + 1
                 state["supervised_tokens"] += out["tokens"]
-                if out.get("skipped"):
+                if out.get("overflow"):
+                    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+                    say(
+                        f"step {step + 1}: float16 gradients overflowed; update skipped, loss "
+                        f"scale lowered to {self.scaler.scale:g}"
+                    )
+                elif out.get("skipped"):
                     state["skipped_steps"] = state.get("skipped_steps", 0) + 1
                     state["bad_steps_in_row"] = state.get("bad_steps_in_row", 0) + 1
                     say(f"step {step + 1}: non-finite loss or gradient; update skipped")
@@ -555,7 +582,8 @@ class Trainer:
                 # ranks of several would disagree on the step)
                 stopping = not self.dist.enabled and stop_requested()
                 save = self._save_due(step + 1, evaluated) or stopped_early or stopping
-                if save and not out.get("skipped"):  # never checkpoint inside a bad streak
+                # never checkpoint inside a bad streak (an overflow is not one)
+                if save and (not out.get("skipped") or out.get("overflow")):
                     rng = self.dist.gather_objects(rng_state())
                     best = keeper.for_checkpoint(step + 1)
                     full = self._gather_for_checkpoint(best)
@@ -566,7 +594,11 @@ class Trainer:
                             self.model,
                             self.optimizer,
                             self.scheduler,
-                            {**state, "stopped_early": stopped_early},
+                            {
+                                **state,
+                                "stopped_early": stopped_early,
+                                "grad_scaler": self.scaler.state_dict(),
+                            },
                             full.get("best", best),
                             cfg.save_total_limit,
                             rng_states=rng,
@@ -606,7 +638,8 @@ class Trainer:
         eval_loss = self.evaluate()
         readings, over_kl = {}, False
         if self.guard is not None:
-            readings = self.guard.measure()
+            with self.autocast():
+                readings = self.guard.measure()
             self.last_eval_metrics.update(readings)
             over_kl = self.guard.over_limit(readings)
         stop = keeper.update(step, eval_loss, self.last_eval_metrics, eligible=not over_kl)

@@ -230,14 +230,15 @@ class PPOTrainer(RolloutTrainer):
                 units = float(rollout.mask[minibatch].sum().clamp(min=1))
                 for i in range(0, len(minibatch), t.batch_size):
                     r = rollout.rows(minibatch[i : i + t.batch_size].to(rollout.mask.device))
-                    logprobs, values, _ = self.model(r.batch, t.temperature)
+                    with self.precision.autocast():
+                        logprobs, values, _ = self.model(r.batch, t.temperature)
                     pg, clipped = ppo_policy_loss(
                         logprobs, r.logprobs, r.advantages, r.mask, t.cliprange
                     )
                     vf, vf_clipped = ppo_value_loss(
                         values, r.values, r.returns, r.mask, t.cliprange_value
                     )
-                    ((pg + t.vf_coef * vf) / units).backward()
+                    self.backward((pg + t.vf_coef * vf) / units)
                     diff = (logprobs - r.logprobs).detach() * r.mask
                     sums["policy_loss"] += float(pg.detach())
                     sums["value_loss"] += float(vf.detach())

@@ -52,11 +52,13 @@ class PairRun(ObjectiveRun):
         t = ctx.cfg.training
         adapter = trains_adapter(ctx.cfg.method)
         if not adapter or t.precompute_reference:
-            # Before the loop restores any checkpoint: the reference is the starting model.
+            # Before the loop restores any checkpoint: the reference is the starting model,
+            # computed as the loop computes the policy (autocast), so they agree at step 0.
             for pairs in (data.train, data.eval):
-                precompute_reference_logps(
-                    ctx.lm, pairs, ctx.tokenizer.pad_token_id, t.batch_size, ctx.device, adapter
-                )
+                with ctx.precision.autocast():
+                    precompute_reference_logps(
+                        ctx.lm, pairs, ctx.tokenizer.pad_token_id, t.batch_size, ctx.device, adapter
+                    )
         return ctx.lm
 
     def fit(self, ctx, model, data):

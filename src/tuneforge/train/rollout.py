@@ -35,8 +35,10 @@ from tuneforge.train.loop import (
     log_record,
     lr_lambda,
     save_due,
+    step_schedule,
 )
 from tuneforge.train.policy import frozen_copy, labelled_logprobs
+from tuneforge.train.precision import Precision
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -73,6 +75,9 @@ class RolloutTrainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.device = device
+        # bf16 / fp16 autocast around every forward, float16's loss scaling (train/precision.py)
+        self.precision = Precision.of(cfg, device)
+        self.scaler = self.precision.grad_scaler()
         self.loggers = loggers or []  # training.report_to
         # The reference policy: the base with the adapter disabled, or a frozen copy (full).
         self.reference = None if adapter or not needs_reference else frozen_copy(policy)
@@ -102,14 +107,21 @@ class RolloutTrainer:
     def evaluate(self) -> tuple[float, dict[str, float]]:
         raise NotImplementedError
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a micro-batch's loss (scaled under float16)."""
+        self.scaler.backward(loss)
+
     def update(self, params: list[torch.nn.Parameter]) -> float | None:
         """One optimizer step on the accumulated gradients (clipped to ``max_grad_norm``);
-        returns the gradient norm before clipping (None without clipping)."""
+        returns the gradient norm before clipping (None without clipping). Under float16 a step
+        whose gradients overflowed is skipped and the loss scale halved."""
+        self.scaler.unscale(self.optimizer)
         norm = None
         if self.cfg.max_grad_norm > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        step_schedule(self.scheduler)
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
@@ -205,6 +217,7 @@ class RolloutTrainer:
             state, best_state = load_checkpoint(
                 ckpts[-1], self.model, self.optimizer, self.scheduler
             )
+            self.scaler.load_state_dict(state.pop("grad_scaler", None))
             _truncate_metrics(metrics_path, state["global_step"])
         keeper = BestKeeper(
             self.model, state, "best_eval_reward", t.early_stopping_patience, True, best_state
@@ -224,10 +237,13 @@ class RolloutTrainer:
                 t0 = time.perf_counter()
                 torch.manual_seed(step_seed(t.seed, step))
                 lr = self.scheduler.get_last_lr()[0]
-                rollout = self.make_rollout(step)
-                stats = self.optimise(rollout, step)
+                with self.precision.autocast():
+                    rollout = self.make_rollout(step)
+                stats = self.optimise(rollout, step)  # autocasts its forwards itself
                 state["global_step"] = step + 1
                 record = {"step": step + 1, **self.rollout_metrics(rollout), **stats, "lr": lr}
+                if self.scaler.enabled:
+                    record["loss_scale"] = self.scaler.scale
                 record = {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
                 record["seconds"] = round(time.perf_counter() - t0, 2)
                 if (step + 1) % t.logging_steps == 0 or step + 1 == self.total_steps:
@@ -236,7 +252,8 @@ class RolloutTrainer:
                 bar.update(1)
                 evaluated = self._eval_due(step + 1)
                 if evaluated:
-                    value, metrics = self.evaluate()
+                    with self.precision.autocast():
+                        value, metrics = self.evaluate()
                     state["stopped_early"] = keeper.update(step + 1, value, metrics)
                     log_record(
                         log,
@@ -258,7 +275,7 @@ class RolloutTrainer:
                         self.model,
                         self.optimizer,
                         self.scheduler,
-                        state,
+                        {**state, "grad_scaler": self.scaler.state_dict()},
                         keeper.for_checkpoint(step + 1),
                         t.save_total_limit,
                     )

@@ -40,10 +40,11 @@ from tuneforge.methods import (
     trains_adapter,
     unwrap,
 )
-from tuneforge.models import pick_device, weights_dtype
+from tuneforge.models import pick_device
 from tuneforge.train.checkpoint import list_checkpoints
 from tuneforge.train.distributed import Dist, init_from_env, shutdown
 from tuneforge.train.loop import LoopResult
+from tuneforge.train.precision import Precision
 from tuneforge.train.tensorboard import make_loggers
 
 
@@ -57,6 +58,7 @@ class RunContext:
     dist: Dist
     tokenizer: object
     lm: torch.nn.Module  # the base with the method applied (what save_trained saves)
+    precision: Precision  # compute dtype, master weights, loss scaling (train/precision.py)
     resume: bool = False
     loggers: list = field(default_factory=list)
 
@@ -193,8 +195,10 @@ def run(
         lm.config.use_cache = False
         lm = apply_method(lm, cfg.method, tokenizer)
         prepare_for_speed(lm, t)
-        ctx = RunContext(cfg, run_dir, device, dist, tokenizer, lm, resume)
+        precision = Precision.of(t, device)
+        ctx = RunContext(cfg, run_dir, device, dist, tokenizer, lm, precision, resume)
         model = objective.wrap(ctx, data)
+        precision.keep_master_weights(model)  # adapters, heads: float32 under bf16 / fp16
         if sharded:  # FSDP2: weights, gradients and optimizer state sharded across the ranks
             from tuneforge.train.fsdp import shard_model
 
@@ -217,7 +221,7 @@ def run(
         dist.barrier()
         result = objective.fit(ctx, model, data)
         summary = {
-            **common_summary(cfg, result, model, resolved),
+            **common_summary(cfg, result, model, resolved, precision),
             **objective.summary(ctx, result, data),
         }
         lm_weights = extra_weights = None
@@ -229,7 +233,7 @@ def run(
             )
         if dist.is_main:
             summary["advice"] = training_advice(cfg, run_dir, result)
-            save_trained(lm, tokenizer, cfg, run_dir, state_dict=lm_weights)
+            save_trained(lm, tokenizer, cfg, run_dir, lm_weights, precision)
             objective.save_extra(ctx, model, extra_weights)
             write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
             run_status.mark(run_dir, run_status.FINISHED)
@@ -272,8 +276,16 @@ def split_lm_weights(model: torch.nn.Module, lm: torch.nn.Module, weights: dict)
 
 
 def check_fsdp_optimizer(t, device: torch.device) -> None:
-    """FSDP2 needs an optimizer that updates DTensor shards: torch AdamW, not bitsandbytes'."""
+    """FSDP2 needs an optimizer that updates DTensor shards: torch AdamW, not bitsandbytes';
+    and no float16 loss scaling, whose overflow check would be each rank's own."""
     from tuneforge.train.optimizers import effective_optimizer
+
+    if t.dtype == "float16":
+        raise TuneforgeError(
+            "training.dtype float16 cannot scale the loss of full fine-tuning sharded across "
+            "processes (FSDP2: each rank would see its own overflows); set training.dtype: "
+            "bfloat16, or run in one process"
+        )
 
     if effective_optimizer(t.optimizer, device)[0] != "adamw":
         raise TuneforgeError(
@@ -294,20 +306,33 @@ def prepare_for_speed(model: torch.nn.Module, t) -> None:
 
 
 def save_trained(
-    model, tokenizer, cfg: Config, run_dir: Path, state_dict: dict | None = None
+    model,
+    tokenizer,
+    cfg: Config,
+    run_dir: Path,
+    state_dict: dict | None = None,
+    precision: Precision | None = None,
 ) -> Path:
     """Save the adapter (PEFT format) or the full model (HF folder), with the tokenizer, atomically.
 
     ``state_dict``: the full weights of a model sharded across ranks (FSDP2), gathered on rank 0.
+    A full model trained with float32 master weights is saved in the compute dtype.
     """
     final = run_dir / saved_folder(cfg.method)
+    cast = precision is not None and not trains_adapter(cfg.method)
+    if cast:
+        state_dict = precision.saved_weights(model, state_dict)
     with atomic_folder(final) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)  # None: the model's own
         tokenizer.save_pretrained(tmp)
+        if cast:  # config.json names the dtype of the model's parameters, not of the file's
+            config = json.loads((tmp / "config.json").read_text())
+            config["dtype"] = precision.dtype_name
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return final
 
 
-def common_summary(cfg: Config, r: LoopResult, model, resolved: str) -> dict:
+def common_summary(cfg: Config, r: LoopResult, model, resolved: str, precision: Precision) -> dict:
     """The summary.json fields every objective writes."""
     trainable, total = trainable_parameters(model)
     malloc = allocator()
@@ -316,8 +341,10 @@ def common_summary(cfg: Config, r: LoopResult, model, resolved: str) -> dict:
         "resolved_model": resolved,
         "objective": cfg.training.objective,
         "method": cfg.method.name,
-        # the dtype the base was loaded (and, for qlora, quantized) from: merge re-loads it so
-        "base_dtype": str(weights_dtype(model)).removeprefix("torch."),
+        # the dtype the base was loaded (and, for qlora, quantized) from: merge re-loads it so;
+        # a full model is saved in it
+        "base_dtype": str(precision.compute).removeprefix("torch."),
+        "master_weights": precision.half and precision.master,
         "steps": r.global_step,
         "total_steps": r.total_steps,
         "stopped_early": r.stopped_early,
