@@ -302,3 +302,30 @@ def test_the_estimate_measures_the_trainers_batch_plan(tmp_path, dates_rows, pac
     assert work.micro_batches_per_epoch == len(trainer.epoch_micro_batches(0)) == len(shapes) > 1
     assert work.tokens_per_epoch == sum(rows * length for rows, length, _ in shapes)
     assert sorted(i for _, _, ids in shapes for i in ids) == list(range(len(samples)))
+
+
+@pytest.mark.parametrize("master", [True, False])
+def test_full_fine_tuning_in_bf16_counts_the_weights_as_training_holds_them(shape, master):
+    """training.dtype bfloat16: with master weights (the default) full fine-tuning holds every
+    weight in fp32, so weights, gradients and AdamW's two moments take 16 bytes a weight; held
+    in bf16, 8. The weight bytes equal what load_base + keep_master_weights hold."""
+    from tuneforge.config import load_config
+    from tuneforge.methods import apply_method, load_base
+    from tuneforge.plan.estimate import Workload, estimate_method, weight_bytes
+    from tuneforge.train.precision import Precision
+
+    cfg = load_config(None, [
+        "model=tiny-llama", "output_dir=x", "data.train=x.jsonl", "method.name=full",
+        "training.dtype=bfloat16", f"training.master_weights={master}",
+    ])  # fmt: skip
+    cpu = torch.device("cpu")
+    model = apply_method(load_base(cfg, cpu)[0], cfg.method)
+    Precision.of(cfg.training, cpu).keep_master_weights(model)
+    held = sum(p.numel() * p.element_size() for p in model.parameters())
+    work = Workload(device="cuda", dtype_bytes=2, batch_size=1, seq_len=8, supervised_per_batch=4,
+                    master_weights=master)  # fmt: skip
+    full = MethodSettings("full")
+    assert weight_bytes(shape, work, full, shape.params) == pytest.approx(held, rel=0.01)
+    est = estimate_method(shape, work, full, 1e12)
+    per_weight = (est.weights + est.gradients + est.optimizer) / shape.params
+    assert per_weight == pytest.approx(16 if master else 8, rel=0.01)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tuneforge.methods.quantize import DTYPES, import_bitsandbytes
+from tuneforge.models import weights_dtype
 
 BLOCKSIZE = 64
 
@@ -132,7 +133,8 @@ def quantize_embeddings(model: torch.nn.Module, method) -> None:
     head = model.get_output_embeddings()
     if not isinstance(embedding, torch.nn.Embedding):
         return
-    compute = DTYPES[method.compute_dtype]
+    # auto: the run's compute dtype, which the unquantized weights (norms) are held in
+    compute = DTYPES.get(method.compute_dtype) or weights_dtype(model)
     quantized = QuantizedEmbedding(embedding, method.quant_type, method.double_quant)
     tied = head is not None and head.weight is embedding.weight
     model.set_input_embeddings(quantized)

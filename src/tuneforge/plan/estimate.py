@@ -170,7 +170,7 @@ class Workload:
     """One micro-batch at its largest, and how many of them make an epoch."""
 
     device: str  # cpu | cuda
-    dtype_bytes: int  # 4 (fp32) or 2 (bf16/fp16)
+    dtype_bytes: int  # 4 (fp32) or 2 (bf16/fp16): the compute dtype, frozen weights
     batch_size: int
     seq_len: int  # tokens per row of the largest micro-batch
     supervised_per_batch: int  # supervised positions in that micro-batch
@@ -182,6 +182,13 @@ class Workload:
     mean_row_len: float = 0.0
     packing: bool = False
     fused_ops: bool = True  # training.fused_ops (tuneforge/accel/fused.py)
+    master_weights: bool = True  # training.master_weights: what trains is fp32 (train/precision.py)
+
+    @property
+    def train_bytes(self) -> int:
+        """Bytes per element of what trains in full fine-tuning: its weights, gradients and
+        AdamW moments (fp32 master weights under bf16 / fp16, else the compute dtype)."""
+        return 4 if self.master_weights else self.dtype_bytes
 
     @property
     def tokens(self) -> int:
@@ -213,6 +220,7 @@ def workload_from_config(cfg, device: str, with_data: bool = True) -> Workload:
         gradient_checkpointing=t.gradient_checkpointing,
         packing=d.packing,
         fused_ops=t.fused_ops,
+        master_weights=t.master_weights,
     )
     if with_data:
         _size_epoch(work, cfg)
@@ -454,9 +462,10 @@ def logits_bytes(shape: ModelShape, work: Workload) -> tuple[float, float]:
 
 
 def weight_bytes(shape: ModelShape, work: Workload, s: MethodSettings, trainable: int) -> float:
-    """Base weights in the compute dtype (4-bit NF4 linears for qlora) plus fp32 adapters."""
+    """Base weights in the compute dtype (4-bit NF4 linears for qlora) plus fp32 adapters; for
+    full fine-tuning every weight as it trains (fp32 master weights by default)."""
     if s.name == "full":
-        return shape.params * work.dtype_bytes
+        return shape.params * work.train_bytes
     adapters = trainable * 4  # peft keeps adapter weights in fp32
     if s.name == "qlora":
         quantized = shape.linear_params + _quantized_embedding_params(shape, s)
@@ -535,7 +544,7 @@ def estimate_method(
 ) -> Estimate:
     """Peak memory and time of one method on one workload (see the module docstring)."""
     trainable = trainable_params(shape, s)
-    train_bytes = work.dtype_bytes if s.name == "full" else 4
+    train_bytes = work.train_bytes if s.name == "full" else 4
     weights = weight_bytes(shape, work, s, trainable)
     grads = trainable * train_bytes
     optimizer = 2 * trainable * train_bytes  # AdamW exp_avg and exp_avg_sq
