@@ -3,6 +3,7 @@ continuing a killed sweep, two workers on one SQLite study, pruning, the interva
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -205,6 +206,88 @@ def test_two_workers_share_one_sqlite_sweep(tmp_path):
     assert len(list(out.glob("trials/*/seed-42/summary.json"))) == 4
     # each setting was trained by exactly one worker
     assert sum(o[0].count("seed 42:") for o in outs) == 4
+
+
+# a worker taking queued trials as fast as it can, from a given moment (argv: storage URL, time)
+TAKE = """
+import json, sys, time
+import optuna
+from tuneforge.sweep import STUDY, _storage
+study = optuna.load_study(study_name=STUDY, storage=_storage(sys.argv[1]))
+while time.time() < float(sys.argv[2]):
+    pass
+taken = []
+while (number := study.ask().number) < 300:  # the queue holds trials 0 to 299
+    taken.append(number)
+print(json.dumps(taken))
+"""
+
+
+def test_two_workers_never_take_the_same_queued_trial_from_sqlite(tmp_path):
+    """SQLite ignores the SELECT ... FOR UPDATE with which Optuna takes a queued trial: without
+    BEGIN IMMEDIATE two workers took one trial several times in 300 (and trained one run
+    folder at once)."""
+    import optuna
+
+    from tuneforge.sweep import STUDY, _storage
+
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    study = optuna.create_study(study_name=STUDY, storage=_storage(url))
+    for i in range(300):
+        study.enqueue_trial({"x": i})
+    start = str(time.time() + 5)  # both are up by then; they start at once
+    procs = [subprocess.Popen([sys.executable, "-c", TAKE, url, start], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    a, b = (set(json.loads(o[0])) for o in outs)
+    assert not a & b and a | b == set(range(300))
+
+
+def test_a_setting_taken_or_drawn_a_moment_ago_is_a_duplicate():
+    """A worker that just took a queued grid point is still suggesting its params, and one whose
+    sampler draws a setting has none yet: a later trial of the same setting is still the
+    duplicate (it waits for the drawn setting), a later trial of another setting is not."""
+    import threading
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from tuneforge.sweep import _duplicate
+
+    key = "training.learning_rate"
+    space = {key: CategoricalDistribution([1e-3, 2e-3])}
+    study = optuna.create_study()
+    for lr in (1e-3, 1e-3, 2e-3):  # two workers queued the same grid point at once
+        study.enqueue_trial({key: lr})
+    taken = study.ask()  # popped from the queue; its params are not suggested yet
+    assert taken.params == {}
+    same, other = study.ask(space), study.ask(space)
+    assert _duplicate(study, same, grid=True) and not _duplicate(study, other, grid=True)
+
+    # random search: both workers draw 2e-3 (the only value), the first one's not written yet
+    study = optuna.create_study()
+    drawing = study.ask()
+    late = study.ask({key: CategoricalDistribution([2e-3])})
+    assert drawing.params == {} and late.params == {key: 2e-3}
+    threading.Timer(0.5, drawing.suggest_categorical, (key, [2e-3])).start()
+    assert _duplicate(study, late, grid=False)
+
+
+def test_a_run_folder_that_a_live_process_trains_is_left_to_it(tmp_path):
+    """Defence in depth: a seed run whose status.json names a live process on this machine is
+    neither overwritten nor resumed; the trial is left (Busy) before anything loads."""
+    from tuneforge import run_status
+    from tuneforge.sweep import Busy, load_sweep, run_setting, slug
+
+    spec = load_sweep(str(sweep_config(tmp_path, SPACE)), [], [])
+    params = {"training.learning_rate": 1e-3, "method.r": 2}
+    run_dir = spec.out / "trials" / slug(params) / "seed-42"
+    run_dir.mkdir(parents=True)
+    run_status.mark(run_dir, run_status.RUNNING)  # this process: alive, on this machine
+    with pytest.raises(Busy, match=f"seed-42 is being trained by process {os.getpid()}"):
+        run_setting(spec, None, params, print)
+    assert sorted(x.name for x in run_dir.iterdir()) == ["status.json"]
 
 
 def test_a_setting_behind_the_median_is_pruned():

@@ -343,20 +343,33 @@ def _distributions(params: list[Param]) -> dict:
 
 def _storage(url: str, attempts: int = 5):
     """Optuna's RDB storage; two workers starting at once may race to create the tables in a
-    new database (one sees a half-made schema): the loser waits and tries again."""
+    new database (one sees a half-made schema): the loser waits and tries again.
+
+    SQLite ignores the SELECT ... FOR UPDATE that Optuna relies on to take a queued trial, so two
+    workers could both take the same one (and train one run folder at once): there every
+    transaction begins with BEGIN IMMEDIATE, which makes each read-then-write atomic."""
     import random
 
     import optuna
+    import sqlalchemy
     import sqlalchemy.exc
 
-    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
+    sqlite = url.startswith("sqlite")
+    # isolation_level None: pysqlite sends no BEGIN of its own; the listener below sends it
+    kwargs = {"connect_args": {"timeout": 120, "isolation_level": None}} if sqlite else {}
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            break
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
             if attempt == attempts - 1:
                 raise
             time.sleep(0.5 + random.random())
+    if sqlite:
+        sqlalchemy.event.listen(
+            storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE")
+        )
+    return storage
 
 
 def make_pruner(prune: bool):
@@ -428,16 +441,27 @@ def _dead(trial) -> bool:
 def recover(study) -> list[int]:
     """Running trials whose worker died: failed, and their settings queued again (their seed runs
     resume from their checkpoints). Returns the trial numbers recovered."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if _dead(t):
             # FrozenTrial keeps its storage id private; Optuna's own callbacks read it the same way
-            if study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-                study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            try:
+                failed = study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:  # finished meanwhile, or another worker recovered it
+                continue
+            if failed and _setting(t):
+                study.enqueue_trial(_setting(t), user_attrs={"retry_of": t.number})
                 out.append(t.number)
     return out
+
+
+def _setting(t) -> dict:
+    """A trial's setting: the params it was queued with (a worker that just took it from the
+    queue is still suggesting them), else its params ({} while the sampler draws them)."""
+    return t.system_attrs.get("fixed_params") or t.params
 
 
 def _taken(study) -> list[dict]:
@@ -445,11 +469,7 @@ def _taken(study) -> list[dict]:
     from optuna.trial import TrialState
 
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    out = []
-    for t in study.get_trials(deepcopy=False, states=states):
-        params = t.params or t.system_attrs.get("fixed_params", {})
-        out.append(params)
-    return out
+    return [_setting(t) for t in study.get_trials(deepcopy=False, states=states)]
 
 
 def next_grid_point(spec: SweepSpec, study) -> dict | None:
@@ -460,26 +480,35 @@ def next_grid_point(spec: SweepSpec, study) -> dict | None:
     return None
 
 
-def _duplicate(study, trial, grid: bool) -> bool:
-    """Another trial runs this setting now, or (grid) ran it: two workers queued the same grid
-    point at once, and the trial with the lower number keeps it. (Random and TPE may draw a
-    setting again once it is done: its runs are reused, not trained again.)"""
+def _duplicate(study, trial, grid: bool, wait: float = 10.0) -> bool:
+    """An earlier trial has this setting queued or running, or (grid) ran it: two workers queued
+    the same grid point at once, or drew the same setting, and the trial with the lower number
+    keeps it. (Random and TPE may draw a setting again once it is done: its runs are reused, not
+    trained again.) An earlier trial whose setting is still being drawn is waited for (up to
+    ``wait`` seconds; its worker writes it within moments, unless it died doing so)."""
     from optuna.trial import TrialState
 
     me = json.dumps(trial.params, sort_keys=True)
-    keep = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED) if grid else (
-        TrialState.RUNNING,)  # fmt: skip
-    for t in study.get_trials(deepcopy=False):
-        if t.number >= trial.number or t.state not in keep:
-            continue
-        if json.dumps(t.params, sort_keys=True) == me:
+    keep = (TrialState.WAITING, TrialState.RUNNING) + (
+        (TrialState.COMPLETE, TrialState.PRUNED) if grid else ())  # fmt: skip
+    end = time.time() + wait
+    while True:
+        earlier = [t for t in study.get_trials(deepcopy=False)
+                   if t.number < trial.number and t.state in keep]  # fmt: skip
+        if any(json.dumps(_setting(t), sort_keys=True) == me for t in earlier):
             return True
-    return False
+        if all(len(_setting(t)) == len(trial.params) for t in earlier) or time.time() > end:
+            return False
+        time.sleep(0.2)
+
+
+class Busy(Exception):
+    """A live process on this machine trains the run folder: the setting is left to it."""
 
 
 def run_setting(spec: SweepSpec, trial, params: dict, say) -> tuple[float, dict]:
     """Train (or resume, or reuse) the setting's run for each seed; returns (mean metric,
-    per-seed metrics)."""
+    per-seed metrics). Raises Busy rather than overwrite a run that another process trains."""
     from tuneforge.train import train
 
     values: dict[str, float] = {}
@@ -487,6 +516,9 @@ def run_setting(spec: SweepSpec, trial, params: dict, say) -> tuple[float, dict]
         run_dir = spec.out / "trials" / slug(params) / f"seed-{seed}"
         value = _finished_value(run_dir, spec.settings.metric)
         if value is None:
+            record = run_status.read(run_dir)
+            if run_status.running_here(record):
+                raise Busy(f"{run_dir} is being trained by process {record['pid']}")
             cfg = spec.config_for(params, seed, run_dir)
             cfg.training.progress = False
             resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
@@ -574,6 +606,7 @@ def run_sweep(spec: SweepSpec, say=print) -> dict:
                 break
         trial = study.ask(distributions)
         trial.set_user_attr("worker", _worker())
+        trial.set_user_attr("alive_at", time.time())  # not its start: naive local time, per host
         if _duplicate(study, trial, s.search == "grid"):
             trial.set_user_attr("duplicate", True)
             study.tell(trial, state=TrialState.FAIL)
@@ -585,6 +618,12 @@ def run_sweep(spec: SweepSpec, say=print) -> dict:
         except optuna.TrialPruned as e:
             say(f"  pruned: {e}")
             study.tell(trial, state=TrialState.PRUNED)
+            continue
+        except Busy as e:
+            say(f"  {e}; leaving this setting to it")
+            trial.set_user_attr("duplicate", True)
+            study.tell(trial, state=TrialState.FAIL)
+            time.sleep(5)  # the setting may be queued again at once: no spinning while it trains
             continue
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
