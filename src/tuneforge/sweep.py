@@ -382,6 +382,27 @@ def make_pruner(prune: bool):
     return optuna.pruners.PercentilePruner(75.0, n_startup_trials=3, n_min_trials=2)
 
 
+def trial_seeded_sampler(search: str, seed: int):
+    """Optuna's sampler for ``search`` (grid: random draws, used only when no grid point is
+    queued), its random state seeded from each trial's number just before the trial draws.
+    Trial n then draws the same setting whichever worker takes it: with one seed for the whole
+    sampler, a second worker would draw the first one's settings in step, and a resumed sweep
+    would draw its first settings again."""
+    import optuna
+
+    base = optuna.samplers.TPESampler if search == "tpe" else optuna.samplers.RandomSampler
+
+    class TrialSeeded(base):
+        def before_trial(self, study, trial) -> None:
+            super().before_trial(study, trial)
+            state = (seed * 1_000_003 + trial.number) % 2**32
+            self._rng.rng.seed(state)
+            if hasattr(self, "_random_sampler"):  # TPE's first trials are its random sampler's
+                self._random_sampler._rng.rng.seed(state)
+
+    return TrialSeeded(seed=seed)
+
+
 def open_study(spec: SweepSpec):
     """The sweep's Optuna study, created or loaded; refuses a different search space."""
     import optuna
@@ -389,11 +410,7 @@ def open_study(spec: SweepSpec):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec.out.mkdir(parents=True, exist_ok=True)
     s = spec.settings
-    sampler = {
-        "grid": lambda: optuna.samplers.RandomSampler(seed=spec.base.training.seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=spec.base.training.seed),
-        "tpe": lambda: optuna.samplers.TPESampler(seed=spec.base.training.seed),
-    }[s.search]()
+    sampler = trial_seeded_sampler(s.search, spec.base.training.seed)
     pruner = make_pruner(s.prune)
     try:
         storage = _storage(spec.storage)
