@@ -133,6 +133,7 @@ def write_config(tmp_path, model="tiny-llama", **method):
 
 
 def one_line_error(tmp_path, capsys, config) -> str:
+    capsys.readouterr()  # what making the test's model folder printed is not the command's
     code = main(["train", str(config)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
