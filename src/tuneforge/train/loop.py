@@ -375,8 +375,7 @@ class Trainer:
         if finite:
             self.scaler.step(self.optimizer)
         scale = self.scaler.scale  # the one this step's backward used
-        # float16: an overflow halves the loss scale; that step's update is skipped
-        overflowed = self.scaler.update()
+        self.scaler.update()  # float16: an overflow halves the loss scale
         # A non-finite loss or gradient skips the update; the schedule still advances so the
         # learning rate stays tied to the step count.
         step_schedule(self.scheduler)
@@ -392,7 +391,7 @@ class Trainer:
             result["loss_scale"] = scale
         if not finite:
             result["skipped"] = True
-            if overflowed and math.isfinite(out["loss"]):
+            if self.scaler.enabled and math.isfinite(out["loss"]):
                 # float16's loss scaling finding its range, not divergence
                 result["overflow"] = True
         return result

@@ -96,7 +96,10 @@ class LossScaler:
         scaler.backward(loss)          # every micro-batch
         scaler.unscale(optimizer)      # before clipping and the gradient norm
         scaler.step(optimizer)         # (the loop may skip it: a non-finite loss)
-        overflowed = scaler.update()   # after every step, skipped or not
+        scaler.update()                # after every step, skipped or not
+
+    With the gradients unscaled before the norm, a step overflowed exactly when the scaler is
+    enabled, the loss is finite and the gradient norm is not: the loop reads it from there.
     """
 
     INIT_SCALE = 2.0**16  # torch's default
@@ -109,21 +112,15 @@ class LossScaler:
         self.scaler.scale(loss).backward()
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.enabled:
-            self.scaler.unscale_(optimizer)
+        self.scaler.unscale_(optimizer)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.step()``, skipped by the scaler when the gradients overflowed."""
         self.scaler.step(optimizer)
 
-    def update(self) -> bool:
-        """Adjust the scale after a step; whether this step's gradients overflowed (the step
-        was not taken and the scale halved)."""
-        if not self.enabled:
-            return False
-        before = self.scaler.get_scale()
+    def update(self) -> None:
+        """Adjust the scale after a step: halved when its gradients overflowed."""
         self.scaler.update()
-        return self.scaler.get_scale() < before
 
     @property
     def scale(self) -> float | None:

@@ -237,13 +237,14 @@ class RolloutTrainer:
                 t0 = time.perf_counter()
                 torch.manual_seed(step_seed(t.seed, step))
                 lr = self.scheduler.get_last_lr()[0]
+                scale = self.scaler.scale  # float16: the loss scale this step starts with
                 with self.precision.autocast():
                     rollout = self.make_rollout(step)
                 stats = self.optimise(rollout, step)  # autocasts its forwards itself
                 state["global_step"] = step + 1
                 record = {"step": step + 1, **self.rollout_metrics(rollout), **stats, "lr": lr}
-                if self.scaler.enabled:
-                    record["loss_scale"] = self.scaler.scale
+                if scale is not None:
+                    record["loss_scale"] = scale
                 record = {k: round(v, 6) if isinstance(v, float) else v for k, v in record.items()}
                 record["seconds"] = round(time.perf_counter() - t0, 2)
                 if (step + 1) % t.logging_steps == 0 or step + 1 == self.total_steps:
